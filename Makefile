@@ -1,0 +1,68 @@
+# Road SSLKD: the only commands a newcomer needs.
+#   make setup   QGIS (Debian, when root and missing), .venv-backend and .venv-qgis; idempotent
+#   make test    setup, lint, every test (backend, then plugin under a headless QGIS)
+#   make demo    synthetic data -> short SSLKD training -> ONNX -> prediction, with a metrics table
+#   make bench   benchmarks (results in docs/benchmarks/)
+#   make zip     dist/road_sslkd_plugin.zip for QGIS's "Install from ZIP"
+
+SHELL := /bin/bash
+PYTHON ?= python3
+QGIS_PYTHON ?= /usr/bin/python3
+BACKEND_VENV := .venv-backend
+QGIS_VENV := .venv-qgis
+BPY := $(BACKEND_VENV)/bin/python
+QPY := $(QGIS_VENV)/bin/python
+STAMPS := .setup-stamps
+DEMO_DIR ?= demo
+BENCH_DATA ?= ../shared/data/cil_road_2016
+BENCH_PRESET ?= cpu
+
+.PHONY: setup qgis test lint test-backend test-plugin demo bench zip clean
+
+setup: qgis $(STAMPS)/backend $(STAMPS)/qgis-venv
+
+# QGIS comes from Debian; only root can install it, others get a clear message.
+qgis:
+	@if [ ! -x /usr/bin/qgis_process.bin ] || ! $(QGIS_PYTHON) -c "import qgis.core" 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      qgis python3-qgis qgis-providers python3-venv xvfb >/dev/null; \
+	  else \
+	    echo "QGIS is missing: run 'sudo apt-get install qgis python3-qgis qgis-providers python3-venv xvfb'"; exit 1; \
+	  fi; \
+	fi
+
+$(STAMPS)/backend: backend/pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(BPY) || $(PYTHON) -m venv $(BACKEND_VENV)
+	$(BPY) -m pip install -q --upgrade pip
+	$(BPY) -m pip install -q "torch>=2.2,<=2.14.1" "torchvision>=0.17,<=0.29.1"
+	$(BPY) -m pip install -q -e "backend[gpu,dev]"
+	@touch $@
+
+$(STAMPS)/qgis-venv: | qgis
+	@mkdir -p $(STAMPS)
+	test -x $(QPY) || $(QGIS_PYTHON) -m venv --system-site-packages $(QGIS_VENV)
+	$(QPY) -m pip install -q "numpy<2" onnxruntime-gpu pytest pytest-qgis
+	@touch $@
+
+lint: setup
+	$(BACKEND_VENV)/bin/ruff check backend road_sslkd_plugin tests
+
+test-backend: setup
+	$(BACKEND_VENV)/bin/pytest -q tests/backend
+
+test-plugin: setup
+	QT_QPA_PLATFORM=offscreen $(QPY) -m pytest -q -p no:cacheprovider tests/plugin
+
+test: lint test-backend test-plugin
+
+demo: setup
+	$(BACKEND_VENV)/bin/road-sslkd demo --out $(DEMO_DIR)
+
+bench: setup
+	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \
+	  --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
+
+clean:
+	rm -rf $(STAMPS) $(BACKEND_VENV) $(QGIS_VENV) dist build

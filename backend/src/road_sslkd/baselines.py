@@ -1,0 +1,52 @@
+"""The traditional semi-supervised baseline: the student network alone, trained UniMatch-style.
+
+Weak-to-strong consistency with two strong views (photometric + CutMix) and a feature-perturbed view
+(dropout on encoder features), the student's own pseudo-labels from the weak view, and the same
+confidence weighting and BCE + Dice loss as the SSLKD student, so the comparison isolates the teachers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import augment
+from .losses import pseudo_label, seg_loss
+from .models import SegModel, build_model
+from .trainer import Context, Stage, rampup
+
+
+class UniMatchStage(Stage):
+    name = "student_ssl"
+    step_kind = "student"
+    uses_unlabelled = True
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.model = build_model(ctx.config.student, ctx.in_channels, ctx.config.weights)
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        return {self.name: self.model}
+
+    def outputs(self) -> dict[str, SegModel]:
+        return {self.name: self.model}
+
+    def losses(self, lab: dict, unl: Optional[dict]) -> dict[str, torch.Tensor]:
+        lab, unl = augment.weak(lab), augment.weak(unl)
+        sup = seg_loss(self.model(lab["image"]), lab["label"], lab["valid"])
+        weak_img, valid = unl["image"], unl["valid"]
+        with torch.no_grad():
+            prob = torch.sigmoid(self.model(weak_img))[:, 0]
+        fp_logits, _ = self.model.forward_features(weak_img, feature_dropout=0.5)
+        target, weight = pseudo_label(prob)
+        unsup = 0.5 * seg_loss(fp_logits, target, valid, weight)
+        b, _, h, w = weak_img.shape
+        for _ in range(2):  # two independently perturbed strong views
+            boxes = augment.cutmix_boxes(b, h, w, weak_img.device)
+            perm = torch.randperm(b, device=boxes.device)
+            strong = augment.strong(augment.mix(weak_img, boxes, perm))
+            t, wt = pseudo_label(augment.mix(prob, boxes, perm))
+            unsup = unsup + 0.25 * seg_loss(self.model(strong), t, augment.mix(valid, boxes, perm), wt)
+        loss = sup + rampup(self.progress) * self.ctx.config.w_unsup * unsup
+        return {"loss": loss, "loss_sup": sup.detach(), "loss_unsup": unsup.detach()}

@@ -1,0 +1,110 @@
+"""Training configuration: presets, overrides from a JSON file, and the resolved config of a run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .events import UserError
+
+
+@dataclass
+class Config:
+    """Every setting of a run; presets fill it, a JSON config file or CLI flags override any field."""
+
+    preset: str = "cpu"
+    stages: list[str] = field(
+        default_factory=lambda: ["teacher_a", "teacher_b", "teachers_ssl", "student_sslkd"]
+    )
+    teacher_a: str = "deeplabv3plus-resnet50"
+    teacher_b: str = "unet-resnet34"
+    student: str = "deeplabv3plus-mobilenet_v2"
+    weights: str = "imagenet"  # "imagenet", "none" or a local state-dict file
+    bands: list[int] = field(default_factory=lambda: [1, 2, 3])
+    label_width: float = 6.0  # road width in map units when labels are vector lines
+    crop: int = 192
+    batch: int = 8
+    batch_unlabelled: int = 8
+    # Optimisation steps per stage; "steps_scale" multiplies them all (the dock's "training length").
+    steps: dict[str, int] = field(
+        default_factory=lambda: {"teacher": 300, "teachers_ssl": 300, "student": 300}
+    )
+    steps_scale: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 20
+    # Student losses: L = sup + w_feat * feat + w_prob * prob + w_unsup * pseudo.
+    w_feat: float = 1.0
+    w_prob: float = 1.0
+    w_unsup: float = 1.0
+    temperature: float = 2.0
+    w_unsup_teacher: float = 1.0  # cross-model pseudo-label weight for the teachers
+    tile: int = 256  # evaluation / inference tile
+    overlap: int = 25  # percent of the tile
+    holdout: int = 0  # labelled images held out for validation curves (0: curves on training images)
+    val_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision, only ever used on CUDA
+
+    def stage_steps(self, kind: str) -> int:
+        return max(1, round(self.steps[kind] * self.steps_scale))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a laptop: the same code paths as the real presets, on test-sized networks.
+    "tiny": dict(
+        teacher_a="tiny-unet", teacher_b="tiny-fpn", student="tiny-student", weights="none",
+        crop=64, batch=2, batch_unlabelled=2, steps={"teacher": 6, "teachers_ssl": 4, "student": 6},
+        warmup=2, tile=64, val_every=4, log_every=2, checkpoint_every=3,
+    ),
+    # The 2-core benchmark profile.
+    "cpu": dict(),
+    # The paper's architectures, for a GPU.
+    "gpu": dict(
+        teacher_a="deeplabv3plus-resnet101", teacher_b="unet-vgg16", crop=384, batch=16, batch_unlabelled=16,
+        steps={"teacher": 4000, "teachers_ssl": 8000, "student": 8000}, tile=512, val_every=500,
+        log_every=20, checkpoint_every=500, warmup=200,
+    ),
+}
+
+
+def _known(keys: dict[str, Any], source: str) -> None:
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(keys) - names)
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)} in {source}", f"valid: {', '.join(sorted(names))}")
+
+
+def make_config(preset: str, config_file: Path | None = None, **overrides: Any) -> Config:
+    """Preset, then the JSON file's keys, then explicit overrides (None values are ignored)."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'", f"choose one of: {', '.join(PRESETS)}")
+    cfg = replace(Config(), preset=preset, **PRESETS[preset])
+    if config_file is not None:
+        try:
+            data = json.loads(Path(config_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read config file {config_file}: {exc}", "give a JSON object of settings") from exc
+        if not isinstance(data, dict):
+            raise UserError(f"config file {config_file} is not a JSON object", "write {\"setting\": value, ...}")
+        _known(data, str(config_file))
+        if "steps" in data:
+            data["steps"] = {**cfg.steps, **data["steps"]}
+        cfg = replace(cfg, **data)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _known(given, "the command line")
+    return replace(cfg, **given)
+
+
+def load_config(path: Path) -> Config:
+    data = json.loads(Path(path).read_text())
+    _known(data, str(path))
+    return Config(**data)

@@ -1,0 +1,309 @@
+"""Datasets of rasters: reading in windows, labels from masks or road lines, normalisation, random crops.
+
+Pixels are scaled by 1/255 and then standardised per band with statistics computed on the run's rasters
+(the Deepness convention, so exported students run in Deepness too). Nodata pixels are marked invalid and
+ignored by every loss and metric.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from .events import UserError
+
+VECTOR_SUFFIXES = {".gpkg", ".shp", ".geojson", ".json", ".fgb", ".sqlite", ".kml"}
+CACHE_PIXELS = 16_000_000  # rasters up to this size are read once and kept; larger ones are read per window
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    label: Path
+
+    @property
+    def is_vector(self) -> bool:
+        return self.label.suffix.lower() in VECTOR_SUFFIXES
+
+
+@dataclass
+class DatasetSpec:
+    labelled: list[Pair]
+    unlabelled: list[Path] = field(default_factory=list)
+    test: list[Pair] = field(default_factory=list)
+
+    @classmethod
+    def from_split(cls, folder: PathLike) -> DatasetSpec:
+        folder = Path(folder)
+        split = folder / "split.json"
+        try:
+            data = json.loads(split.read_text())
+        except FileNotFoundError as exc:
+            raise UserError(f"no split.json in {folder}", "a dataset folder needs split.json (see DESIGN.md)") from exc
+        except ValueError as exc:
+            raise UserError(f"{split} is not valid JSON: {exc}", "fix the file") from exc
+        try:
+            return cls(
+                labelled=[Pair(folder / p["image"], folder / p["mask"]) for p in data.get("labelled", [])],
+                unlabelled=[folder / p for p in data.get("unlabelled", [])],
+                test=[Pair(folder / p["image"], folder / p["mask"]) for p in data.get("test", [])],
+            )
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{split}: entries need 'image' and 'mask' ({exc})", "see DESIGN.md's split format") from exc
+
+    @classmethod
+    def from_lists(cls, labelled: list[str], unlabelled: list[str], test: list[str]) -> DatasetSpec:
+        return cls([parse_pair(p) for p in labelled], [Path(p) for p in unlabelled], [parse_pair(p) for p in test])
+
+    def to_json(self) -> dict:
+        def pair(p: Pair) -> dict:
+            return {"image": str(p.image), "mask": str(p.label)}
+
+        return {
+            "labelled": [pair(p) for p in self.labelled],
+            "unlabelled": [str(p) for p in self.unlabelled],
+            "test": [pair(p) for p in self.test],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> DatasetSpec:
+        return cls.from_lists(
+            [f"{p['image']}::{p['mask']}" for p in data["labelled"]],
+            data["unlabelled"],
+            [f"{p['image']}::{p['mask']}" for p in data["test"]],
+        )
+
+
+_PAIR = re.compile(r"^((?:[A-Za-z]:[\\/])?[^:]+):((?:[A-Za-z]:[\\/])?[^:]+)$")
+
+
+def parse_pair(text: str) -> Pair:
+    """``IMAGE:LABEL`` (or ``IMAGE::LABEL``); a Windows drive letter (``C:\\``) is not a separator."""
+    if "::" in text:
+        image, label = text.split("::", 1)
+        return Pair(Path(image), Path(label))
+    match = _PAIR.match(text)
+    if not match:
+        raise UserError(f"cannot split '{text}' into IMAGE:LABEL", "write IMAGE:LABEL, or IMAGE::LABEL")
+    return Pair(Path(match.group(1)), Path(match.group(2)))
+
+
+def _open(path: Path) -> rasterio.DatasetReader:
+    if not path.exists():
+        raise UserError(f"file not found: {path}", "check the path (relative paths are relative to split.json)")
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise UserError(f"cannot read raster {path}: {exc}", "give a raster GDAL can open (GeoTIFF, PNG, JPEG)") from exc
+
+
+class Raster:
+    """Selected bands of a raster, read by window as float32 (value / 255) with a validity mask."""
+
+    def __init__(self, path: PathLike, bands: list[int]) -> None:
+        self.path = Path(path)
+        self.ds = _open(self.path)
+        if max(bands) > self.ds.count or min(bands) < 1:
+            raise UserError(
+                f"{self.path} has {self.ds.count} band(s); bands {bands} were asked for",
+                "choose existing bands with --bands (e.g. --bands 1,2,3)",
+            )
+        self.bands = list(bands)
+        self.height, self.width = self.ds.height, self.ds.width
+        self._cache: Optional[tuple[np.ndarray, np.ndarray]] = None
+        if self.height * self.width <= CACHE_PIXELS:
+            self._cache = self._read(Window(0, 0, self.width, self.height))
+
+    def _read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        image = self.ds.read(self.bands, window=window).astype(np.float32) / 255.0
+        valid = np.all(self.ds.read_masks(self.bands, window=window) > 0, axis=0)
+        return image, valid
+
+    def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is not None:
+            image, valid = self._cache
+            return image[:, y : y + h, x : x + w], valid[y : y + h, x : x + w]
+        return self._read(Window(x, y, w, h))
+
+    def overview(self, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """A decimated read of the whole raster (for statistics and sanity checks)."""
+        scale = max(1, max(self.height, self.width) // size)
+        shape = (len(self.bands), max(1, self.height // scale), max(1, self.width // scale))
+        image = self.ds.read(self.bands, out_shape=shape).astype(np.float32) / 255.0
+        valid = np.all(self.ds.read_masks(self.bands, out_shape=shape) > 0, axis=0)
+        return image, valid
+
+
+class Label:
+    """Road mask (0/1 uint8) on an image's grid, from a raster mask or from buffered vector roads."""
+
+    def __init__(self, pair: Pair, raster: Raster, width: float) -> None:
+        self.path = pair.label
+        self.raster = raster
+        if pair.is_vector:
+            self._mask = _rasterise_vector(pair.label, raster, width)
+            self.ds = None
+        else:
+            self.ds = _open(pair.label)
+            if (self.ds.height, self.ds.width) != (raster.height, raster.width):
+                raise UserError(
+                    f"mask {pair.label} is {self.ds.width}x{self.ds.height} px but its image {pair.image} is "
+                    f"{raster.width}x{raster.height}",
+                    "masks must be on the image's pixel grid; resample the mask to the image",
+                )
+            if self.ds.crs and raster.ds.crs and self.ds.crs != raster.ds.crs:
+                raise UserError(
+                    f"mask {pair.label} is in {self.ds.crs} but its image in {raster.ds.crs}",
+                    "reproject the mask onto the image's grid",
+                )
+            self._mask = None
+            if raster.height * raster.width <= CACHE_PIXELS:
+                self._mask = self._read_raster(Window(0, 0, raster.width, raster.height))
+
+    def _read_raster(self, window: Window) -> np.ndarray:
+        band = self.ds.read(1, window=window)
+        valid = self.ds.read_masks(1, window=window) > 0
+        # 255 marks "unknown" in the second array: such pixels are ignored like nodata.
+        return np.where(valid, (band > 0).astype(np.uint8), 255).astype(np.uint8)
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        if self._mask is not None:
+            return self._mask[y : y + h, x : x + w]
+        return self._read_raster(Window(x, y, w, h))
+
+    def road_fraction(self) -> float:
+        if self._mask is not None:
+            mask = self._mask
+        else:
+            mask = np.where(self.ds.read_masks(1, out_shape=(512, 512)) > 0,
+                            self.ds.read(1, out_shape=(512, 512)) > 0, 255)
+        known = mask != 255
+        return float((mask == 1).sum() / max(1, known.sum()))
+
+
+def _rasterise_vector(path: Path, raster: Raster, width: float) -> np.ndarray:
+    import pyogrio
+    import shapely
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    if not path.exists():
+        raise UserError(f"file not found: {path}", "check the label path")
+    try:
+        meta, _, wkb, _ = pyogrio.raw.read(path)
+    except Exception as exc:  # noqa: BLE001 - pyogrio raises many types for unreadable files
+        raise UserError(f"cannot read vector labels {path}: {exc}", "give a GeoPackage, Shapefile or GeoJSON") from exc
+    geoms = [g for g in shapely.from_wkb(wkb) if g is not None and not g.is_empty]
+    if not geoms:
+        raise UserError(f"{path} holds no geometry", "digitise road lines or polygons first")
+    src_crs, dst_crs = meta.get("crs"), raster.ds.crs
+    if src_crs and dst_crs and rasterio.crs.CRS.from_user_input(src_crs) != dst_crs:
+        geoms = [shapely.geometry.shape(transform_geom(src_crs, dst_crs, shapely.geometry.mapping(g))) for g in geoms]
+    shapes = [g if g.geom_type.endswith("Polygon") else g.buffer(width / 2, cap_style="flat") for g in geoms]
+    if raster.height * raster.width > CACHE_PIXELS * 4:
+        raise UserError(f"{raster.path} is too large to rasterise vector labels in memory",
+                        "rasterise the road lines to a mask on the image grid first (gdal_rasterize)")
+    return rasterize(shapes, out_shape=(raster.height, raster.width), transform=raster.ds.transform,
+                     fill=0, default_value=1, dtype="uint8")
+
+
+@dataclass
+class Normalizer:
+    mean: list[float]
+    std: list[float]
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.mean, np.float32)[:, None, None]
+        std = np.asarray(self.std, np.float32)[:, None, None]
+        return (image - mean) / std
+
+    @classmethod
+    def fit(cls, rasters: list[Raster]) -> Normalizer:
+        """Per-band mean and std over the valid pixels of a decimated read of each raster."""
+        samples = []
+        for raster in rasters:
+            image, valid = raster.overview()
+            samples.append(image[:, valid])
+        pixels = np.concatenate(samples, axis=1)
+        return cls(pixels.mean(axis=1).tolist(), np.maximum(pixels.std(axis=1), 1e-3).tolist())
+
+
+def check_raster(raster: Raster) -> None:
+    _, valid = raster.overview()
+    if not valid.any():
+        raise UserError(f"{raster.path} has no valid pixel (all nodata)", "remove it from the dataset")
+
+
+class LabelledSet:
+    """Image rasters with their labels, checked once when opened."""
+
+    def __init__(self, pairs: list[Pair], bands: list[int], width: float) -> None:
+        self.items: list[tuple[Raster, Label]] = []
+        for pair in pairs:
+            raster = Raster(pair.image, bands)
+            check_raster(raster)
+            label = Label(pair, raster, width)
+            self.items.append((raster, label))
+
+    def require_roads(self) -> None:
+        for _, label in self.items:
+            if label.road_fraction() == 0:
+                raise UserError(f"label {label.path} has no road pixel",
+                                "check the mask (roads must be > 0) or the vector layer's extent and width")
+
+
+class CropSampler:
+    """Random square crops (the same size for all, padded as invalid where a raster is smaller)."""
+
+    def __init__(self, rasters: list[Raster], labels: Optional[list[Label]], crop: int, normalizer: Normalizer,
+                 seed: int) -> None:
+        self.rasters, self.labels, self.crop, self.normalizer = rasters, labels, crop, normalizer
+        areas = np.array([r.height * r.width for r in rasters], dtype=np.float64)
+        self.weights = areas / areas.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch: int) -> dict[str, torch.Tensor]:
+        c = self.crop
+        images = np.zeros((batch, len(self.rasters[0].bands), c, c), np.float32)
+        labels = np.zeros((batch, c, c), np.float32)
+        valid = np.zeros((batch, c, c), bool)
+        for i in range(batch):
+            k = self.rng.choice(len(self.rasters), p=self.weights)
+            raster = self.rasters[k]
+            h, w = min(c, raster.height), min(c, raster.width)
+            y = int(self.rng.integers(0, raster.height - h + 1))
+            x = int(self.rng.integers(0, raster.width - w + 1))
+            image, ok = raster.read(y, x, h, w)
+            images[i, :, :h, :w] = self.normalizer(image)
+            if self.labels is not None:
+                lab = self.labels[k].read(y, x, h, w)
+                ok = ok & (lab != 255)
+                labels[i, :h, :w] = lab == 1
+            valid[i, :h, :w] = ok
+        out = {"image": torch.from_numpy(images), "valid": torch.from_numpy(valid)}
+        if self.labels is not None:
+            out["label"] = torch.from_numpy(labels)
+        return out
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def ground_resolution_cm(path: PathLike) -> Optional[float]:
+    """Pixel size in cm for rasters in a projected CRS with metre units; None when unknown."""
+    with rasterio.open(path) as ds:
+        if ds.crs is None or not ds.crs.is_projected or (ds.crs.linear_units or "").lower() not in ("metre", "meter"):
+            return None
+        return round(abs(ds.transform.a) * 100, 3)

@@ -1,0 +1,108 @@
+"""Evaluation on whole rasters with the project's sliding window (engine.predict_tiled), not on crops."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import events
+from .data import DatasetSpec, Label, LabelledSet, Normalizer, Raster
+from .engine import predict_tiled
+from .metrics import RoadMetrics
+
+
+def torch_infer(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """An engine ``infer`` function running a torch model (eval mode, no grad) and returning probabilities."""
+    def infer(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(batch).to(device))
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    return infer
+
+
+def predict_raster(infer: Callable[[np.ndarray], np.ndarray], raster: Raster, normalizer: Normalizer,
+                   tile: int, overlap_percent: int) -> tuple[np.ndarray, np.ndarray]:
+    """Road probability and validity of a whole raster."""
+    image, valid = raster.read(0, 0, raster.height, raster.width)
+    overlap = tile * overlap_percent // 100
+    prob = predict_tiled(normalizer(image), infer, tile, overlap, batch=4)
+    return prob, valid
+
+
+def evaluate_items(infer: Callable[[np.ndarray], np.ndarray], items: list[tuple[Raster, Label]],
+                   normalizer: Normalizer, tile: int, overlap_percent: int, threshold: float = 0.5) -> RoadMetrics:
+    metrics = RoadMetrics()
+    for raster, label in items:
+        prob, valid = predict_raster(infer, raster, normalizer, tile, overlap_percent)
+        truth = label.read(0, 0, raster.height, raster.width)
+        metrics.update(prob >= threshold, truth == 1, valid & (truth != 255))
+    return metrics
+
+
+def evaluate_model(model: torch.nn.Module, items: list[tuple[Raster, Label]], normalizer: Normalizer,
+                   tile: int, overlap_percent: int, device: torch.device) -> RoadMetrics:
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_items(torch_infer(model, device), items, normalizer, tile, overlap_percent)
+    finally:
+        model.train(was_training)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help="evaluate trained models of a run on test rasters")
+    p.add_argument("run", type=Path, help="run folder (from road-sslkd train)")
+    p.add_argument("--models", default="", help="comma-separated model names (default: all in the run)")
+    p.add_argument("--data", type=Path, help="dataset folder whose split.json 'test' entries are used")
+    p.add_argument("--test", nargs="+", default=[], metavar="IMAGE:MASK", help="test pairs")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .runs import RunDir
+    from .trainer import pick_device
+
+    run = RunDir.open(args.run)
+    spec = DatasetSpec.from_split(args.data) if args.data else DatasetSpec.from_lists([], [], args.test)
+    pairs = spec.test or run.dataset.test
+    if not pairs:
+        raise events.UserError("no test rasters", "pass --test IMAGE:MASK ... or --data DIR with a 'test' split")
+    items = LabelledSet(pairs, run.config.bands, run.config.label_width).items
+    names = [n for n in args.models.split(",") if n] or sorted(p.stem for p in (run.path / "models").glob("*.pt"))
+    device = pick_device(args.device)
+    results = {}
+    for i, name in enumerate(names):
+        events.progress("evaluate", i, len(names))
+        model = run.load_model(name).to(device)
+        summary = evaluate_model(model, items, run.normalizer, run.config.tile, run.config.overlap, device).summary()
+        for key, value in summary.items():
+            events.metric(key, value, stage=name)
+        results[name] = summary
+    events.emit("done", results=results)
+
+
+def onnx_throughput(path: Path, channels: int, size: int = 512, batch: int = 2, repeats: int = 3,
+                    threads: int = 0) -> float:
+    """Megapixels per second of an ONNX model with onnxruntime on the CPU (best of ``repeats`` batches)."""
+    import time
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
+    name = session.get_inputs()[0].name
+    session.run(None, {name: x})  # warm-up: first run allocates
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, {name: x})
+        best = min(best, time.perf_counter() - start)
+    return batch * size * size / best / 1e6

@@ -1,0 +1,144 @@
+"""ONNX export of trained models following DESIGN.md's contract, verified against torch.
+
+The graph takes ``image`` (float32 NCHW, pixels / 255 then standardised with the metadata's mean and std)
+and returns ``road_probability`` (N, 1, H, W, sigmoid applied, so Deepness reads it as a one-class map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import __version__, events
+from .events import UserError
+from .models import SegModel, count_parameters
+
+INPUT, OUTPUT = "image", "road_probability"
+
+
+class _Probabilities(nn.Module):
+    def __init__(self, model: SegModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x))
+
+
+def onnx_metadata(model: SegModel, mean: list[float], std: list[float], tile: int, overlap_percent: int,
+                  resolution_cm: Optional[float], extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
+    """Deepness-compatible keys plus our provenance keys (all values strings, JSON where structured)."""
+    meta: dict[str, Any] = {
+        "model_type": "Segmentor",
+        "class_names": {"0": "road"},
+        "tile_size": tile,
+        "tiles_size": tile,  # Deepness's code and docs disagree on the key: write both
+        "tiles_overlap": overlap_percent,
+        "standardization_mean": mean,
+        "standardization_std": std,
+        "seg_thresh": 0.5,
+        "road_sslkd_version": __version__,
+        "road_sslkd_architecture": model.name,
+        "road_sslkd_output": "probabilities",
+        "road_sslkd_parameters": count_parameters(model),
+    }
+    if resolution_cm is not None:
+        meta["resolution"] = resolution_cm
+    meta.update(extra or {})
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def export_onnx(model: SegModel, path: Path, metadata: dict[str, str], overwrite: bool = False,
+                verify_size: int = 256) -> Path:
+    """Write ``path`` (via a temporary file), add metadata, and check onnxruntime matches torch."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists", "pass --overwrite to replace it, or choose another --out")
+    model = model.cpu().eval()
+    wrapped = _Probabilities(model).eval()
+    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    example = torch.randn(1, channels, verify_size, verify_size)
+    tmp = path.with_name(path.name + ".tmp")
+    dynamic = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant per tile size
+        torch.onnx.export(wrapped, (example,), tmp, input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: dynamic, OUTPUT: dynamic}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(tmp))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(tmp))
+    verify(wrapped, tmp, channels)
+    os.replace(tmp, path)
+    return path
+
+
+def verify(wrapped: nn.Module, path: Path, channels: int, atol: float = 1e-4) -> float:
+    """Largest |onnxruntime - torch| on random input of two shapes; raises when above ``atol``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for shape in ((2, channels, 128, 128), (1, channels, 160, 224)):
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        got = session.run(None, {INPUT: x})[0]
+        with torch.no_grad():
+            want = wrapped(torch.from_numpy(x)).numpy()
+        worst = max(worst, float(np.abs(got - want).max()))
+    if worst > atol:
+        raise RuntimeError(f"ONNX export of {path} differs from torch by {worst:.2e} (> {atol})")
+    return worst
+
+
+def export_run_model(run: Any, name: str, path: Path, overwrite: bool = False,
+                     extra: Optional[dict[str, Any]] = None) -> Path:
+    """Export a trained model of a run folder with the run's normalisation and provenance."""
+    from .data import ground_resolution_cm
+
+    cfg = run.config
+    model = run.load_model(name)
+    resolution = ground_resolution_cm(run.dataset.labelled[0].image) if run.dataset.labelled else None
+    summary = {
+        "labelled": len(run.dataset.labelled), "unlabelled": len(run.dataset.unlabelled),
+        "teachers": [cfg.teacher_a, cfg.teacher_b], "preset": cfg.preset, "bands": cfg.bands,
+        "metrics": run.metrics()["models"].get(name, {}),
+    }
+    meta = onnx_metadata(model, run.normalizer.mean, run.normalizer.std, cfg.tile, cfg.overlap, resolution,
+                         {"road_sslkd_model": name, "road_sslkd_training": summary, **(extra or {})})
+    return export_onnx(model, path, meta, overwrite=overwrite)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export a trained model of a run to ONNX")
+    p.add_argument("run", type=Path, help="run folder (from road-sslkd train)")
+    p.add_argument("--model", default="student_sslkd", help="model name in the run (default: student_sslkd)")
+    p.add_argument("--out", type=Path, help="ONNX path (default: RUN/MODEL.onnx)")
+    p.add_argument("--int8", action="store_true", help="also write an INT8-quantised copy (MODEL.int8.onnx)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .runs import RunDir
+
+    run = RunDir.open(args.run)
+    out = args.out or run.path / f"{args.model}.onnx"
+    events.artifact("onnx", export_run_model(run, args.model, out, args.overwrite))
+    if args.int8:
+        from .quantize import quantize_int8
+
+        int8 = out.with_suffix(".int8.onnx")
+        if int8.exists() and not args.overwrite:
+            raise UserError(f"{int8} exists", "pass --overwrite to replace it")
+        events.artifact("onnx_int8", quantize_int8(out, int8))
+    events.emit("done", onnx=str(out))

@@ -1,0 +1,71 @@
+"""Losses for thin, rare roads; every one ignores invalid (nodata) pixels.
+
+Plain BCE lets a road class of a few percent drift to background, so supervised and pseudo-label terms
+pair BCE with a soft Dice term, and pseudo-labels are weighted by confidence instead of thresholded.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _weights(valid: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    w = valid.float()
+    return w if weight is None else w * weight
+
+
+def bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+        weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Binary cross-entropy averaged over valid pixels (optionally weighted per pixel)."""
+    w = _weights(valid, weight)
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (loss * w).sum() / w.sum().clamp_min(1.0)
+
+
+def dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+         weight: Optional[torch.Tensor] = None, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss of the road class over the valid pixels of the whole batch."""
+    w = _weights(valid, weight)
+    prob = torch.sigmoid(logits)
+    inter = (prob * target * w).sum()
+    total = (prob * w).sum() + (target * w).sum()
+    return 1.0 - (2.0 * inter + eps) / (total + eps)
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+             weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """BCE + Dice: logits and target (B, H, W) or (B, 1, H, W), target in [0, 1]."""
+    logits = logits.reshape(target.shape)
+    return bce(logits, target, valid, weight) + dice(logits, target, valid, weight)
+
+
+def pseudo_label(prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo-label and its confidence weight |2p - 1| (0 at p = 0.5, 1 when certain)."""
+    return (prob > 0.5).float(), (2.0 * prob - 1.0).abs()
+
+
+def prob_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """Binary KL(teacher || student) of temperature-softened probabilities, scaled by T^2 (Hinton)."""
+    t = temperature
+    s = student_logits.reshape(valid.shape) / t
+    p_t = torch.sigmoid(teacher_logits.reshape(valid.shape) / t)
+    # KL for a Bernoulli = BCE(student, p_t) - entropy(p_t); the entropy term has no gradient but keeps
+    # the value at 0 when the distributions match, which makes the number readable.
+    entropy = F.binary_cross_entropy(p_t, p_t, reduction="none")
+    kl = F.binary_cross_entropy_with_logits(s, p_t, reduction="none") - entropy
+    w = valid.float()
+    return (kl * w).sum() / w.sum().clamp_min(1.0) * t * t
+
+
+def feature_distill(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """MSE between per-pixel L2-normalised features, after resizing the student's to the teacher's grid."""
+    if student_feat.shape[-2:] != teacher_feat.shape[-2:]:
+        student_feat = F.interpolate(student_feat, size=teacher_feat.shape[-2:], mode="bilinear",
+                                     align_corners=False)
+    return F.mse_loss(F.normalize(student_feat, dim=1), F.normalize(teacher_feat, dim=1), reduction="sum") / (
+        student_feat.shape[0] * student_feat.shape[-2] * student_feat.shape[-1]
+    )

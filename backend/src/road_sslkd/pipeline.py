@@ -1,0 +1,211 @@
+"""`road-sslkd train`: the SSLKD pipeline (and the benchmark's baselines) as resumable stages.
+
+teacher_a, teacher_b     supervised warm-up of the two teachers
+teachers_ssl             cross-model semi-supervised teachers (teacher_a_ssl, teacher_b_ssl)
+student_sslkd            the SSLKD student, distilled from the semi-supervised teachers
+student_supervised       baseline: the student network on labelled data only
+student_ssl              baseline: the student network with UniMatch-style semi-supervision
+student_kd               baseline: distillation from the supervised teachers, labelled data only
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from . import events
+from .config import Config, make_config
+from .data import DatasetSpec, LabelledSet
+from .evaluate import evaluate_model, onnx_throughput
+from .export import export_run_model
+from .models import count_parameters, gflops
+from .runs import RunDir, install_stop_handlers, stop_requested
+from .trainer import Context, Stage, build_context, pick_device, run_stage, seed_everything
+
+
+def _stages() -> dict[str, Callable[[Context], Stage]]:
+    from .baselines import UniMatchStage
+    from .distillation import DistillStage
+    from .teachers import CrossModelStage, SupervisedStage
+
+    return {
+        "teacher_a": lambda c: SupervisedStage(c, "teacher_a", c.config.teacher_a),
+        "teacher_b": lambda c: SupervisedStage(c, "teacher_b", c.config.teacher_b),
+        "teachers_ssl": CrossModelStage,
+        "student_supervised": lambda c: SupervisedStage(c, "student_supervised", c.config.student, "student"),
+        "student_ssl": UniMatchStage,
+        "student_kd": lambda c: DistillStage(c, "student_kd", ("teacher_a", "teacher_b"), unlabelled=False),
+        "student_sslkd": lambda c: DistillStage(c, "student_sslkd", ("teacher_a_ssl", "teacher_b_ssl"), True),
+    }
+
+
+STAGE_NAMES = ("teacher_a", "teacher_b", "teachers_ssl", "student_supervised", "student_ssl", "student_kd",
+               "student_sslkd")
+STUDENTS = ("student_sslkd", "student_kd", "student_ssl", "student_supervised")
+
+
+def train(run: RunDir, device_name: str = "auto") -> dict:
+    """Run the configured stages (skipping finished ones), evaluate, export the student, write the report."""
+    cfg = run.config
+    unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
+    if unknown:
+        raise events.UserError(f"unknown stage(s): {', '.join(unknown)}", f"stages: {', '.join(STAGE_NAMES)}")
+    device = pick_device(device_name)
+    if not run.dataset.unlabelled and any(s in ("teachers_ssl", "student_ssl", "student_sslkd") for s in cfg.stages):
+        events.warning("no unlabelled rasters given: the labelled images serve as the unlabelled pool")
+        run.dataset.unlabelled = [p.image for p in run.dataset.labelled]
+        run.save()
+    ctx = build_context(run, device)
+    factories = _stages()
+    test_items = LabelledSet(run.dataset.test, cfg.bands, cfg.label_width).items if run.dataset.test else []
+    for index, name in enumerate(cfg.stages):
+        if stop_requested():
+            raise events.Cancelled(f"stopped before {name}")
+        seed_everything(cfg.seed * 1000 + index)
+        stage = factories[name](ctx)
+        run_stage(stage, ctx)
+        for out_name, model in stage.outputs().items():
+            _describe(run, out_name, model.to(device), ctx, test_items)
+    student = next((s for s in STUDENTS if s in cfg.stages), None)
+    if student is not None:
+        events.progress("export", 0, 1)
+        onnx_path = export_run_model(run, student, run.path / "student.onnx", overwrite=True)
+        speed = onnx_throughput(onnx_path, len(cfg.bands), size=cfg.tile)
+        run.update_metrics(student, {"mpx_per_s": round(speed, 3)})
+        events.metric("mpx_per_s", speed, stage=student)
+        events.artifact("onnx", onnx_path)
+        events.progress("export", 1, 1)
+    metrics = run.metrics()
+    (run.path / "report.md").write_text(report_markdown(run, metrics))
+    events.artifact("metrics", run.path / "metrics.json")
+    events.artifact("report", run.path / "report.md")
+    return metrics
+
+
+def _describe(run: RunDir, name: str, model: object, ctx: Context, test_items: list) -> None:
+    """Parameters, GFLOPs and, when test rasters exist, test metrics of a trained model."""
+    cfg = run.config
+    values = {"params": count_parameters(model), "gflops": round(gflops(model, len(cfg.bands)), 3)}
+    if test_items:
+        events.progress("evaluate", 0, 1, model=name)
+        values.update(evaluate_model(model, test_items, ctx.normalizer, cfg.tile, cfg.overlap, ctx.device).summary())
+        for key in ("iou", "f1"):
+            events.metric(f"test_{key}", values[key], stage=name)
+    run.update_metrics(name, values)
+
+
+COLUMNS = (("iou", "IoU"), ("f1", "F1"), ("precision", "Precision"), ("recall", "Recall"),
+           ("relaxed_f1", "Relaxed F1"), ("params", "Params (M)"), ("gflops", "GFLOPs/512²"),
+           ("mpx_per_s", "Mpx/s"), ("train_seconds", "Train s"))
+
+
+def metrics_table(models: dict[str, dict]) -> str:
+    """Markdown table of model metrics (fractions shown as percentages)."""
+    lines = ["| Model | " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for name, values in models.items():
+        cells = []
+        for key, _ in COLUMNS:
+            v = values.get(key)
+            if v is None:
+                cells.append("")
+            elif key == "params":
+                cells.append(f"{v / 1e6:.2f}")
+            elif key in ("iou", "f1", "precision", "recall", "relaxed_f1"):
+                std = values.get(f"{key}_std")
+                cells.append(f"{100 * v:.1f}" + (f" ± {100 * std:.1f}" if std else ""))
+            else:
+                cells.append(f"{v:.1f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(run: RunDir, metrics: dict) -> str:
+    cfg, spec = run.config, run.dataset
+    return "\n".join([
+        f"# Road SSLKD run: {run.path.name}",
+        "",
+        f"Preset `{cfg.preset}`, teachers `{cfg.teacher_a}` + `{cfg.teacher_b}`, student `{cfg.student}`, "
+        f"seed {cfg.seed}. Data: {len(spec.labelled)} labelled, {len(spec.unlabelled)} unlabelled, "
+        f"{len(spec.test)} test rasters. Stages: {', '.join(cfg.stages)}.",
+        "",
+        "Test metrics are for the road class on whole test rasters (sliding window), in percent;"
+        " relaxed F1 counts a hit within 3 pixels; Mpx/s is onnxruntime on this machine's CPU.",
+        "",
+        metrics_table(metrics["models"]),
+        "",
+        f"Command: `{' '.join(shlex.quote(a) for a in ['road-sslkd', *sys.argv[1:]])}`",
+        "",
+    ])
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="dataset folder with split.json")
+    p.add_argument("--labelled", nargs="+", default=[], metavar="IMAGE:LABEL",
+                   help="labelled pairs; LABEL is a raster mask (road > 0) or a vector file of road lines/polygons")
+    p.add_argument("--unlabelled", nargs="+", default=[], metavar="IMAGE", help="unlabelled rasters")
+    p.add_argument("--test", nargs="+", default=[], metavar="IMAGE:MASK", help="test pairs for the final metrics")
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", help="tiny (seconds, tests), cpu (2-core profile) or gpu (paper)")
+    p.add_argument("--config", type=Path, help="JSON file overriding any setting")
+    p.add_argument("--steps-scale", type=float, help="multiply every stage's steps (training length)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--bands", help="1-based bands to use, e.g. 1,2,3")
+    p.add_argument("--label-width", type=float, help="road width in map units for vector labels")
+    p.add_argument("--weights", help="'imagenet', 'none' or a local encoder weights file")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def config_from_args(args: argparse.Namespace, **extra: object) -> Config:
+    bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    return make_config(args.preset, args.config, steps_scale=args.steps_scale, seed=args.seed, bands=bands,
+                       label_width=args.label_width, weights=args.weights, **extra)
+
+
+def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
+    if args.data and (args.labelled or args.unlabelled or args.test):
+        raise events.UserError("give either --data or explicit --labelled/--unlabelled/--test lists", "not both")
+    return DatasetSpec.from_split(args.data) if args.data else DatasetSpec.from_lists(
+        args.labelled, args.unlabelled, args.test)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train teachers and the SSLKD student, export student.onnx")
+    p.add_argument("--out", type=Path, help="new run folder")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(STAGE_NAMES)}")
+    add_data_arguments(p)
+    add_config_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    install_stop_handlers()
+    stages = args.stages.split(",") if args.stages else None
+    if args.resume:
+        run = RunDir.open(args.resume)
+        if stages:
+            run.config.stages = stages
+            run.save()
+    else:
+        if not args.out:
+            raise events.UserError("no run folder given", "pass --out RUN_DIR (or --resume RUN_DIR)")
+        spec = dataset_from_args(args)
+        if not spec.labelled:
+            raise events.UserError("no labelled data", "pass --labelled IMAGE:LABEL ... or --data DIR")
+        cfg = config_from_args(args, stages=stages)
+        # Open every raster before anything is written, so bad input leaves no run folder behind.
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = RunDir(Path(tmp), cfg, spec, None)
+            build_context(probe, pick_device(args.device))
+        run = RunDir.create(args.out, cfg, spec)
+        run.normalizer = probe.normalizer
+        run.save()
+    metrics = train(run, args.device)
+    events.emit("done", run_dir=str(run.path), student=str(run.path / "student.onnx"), models=metrics["models"])

@@ -1,0 +1,131 @@
+"""A run directory: resolved config, checkpoints, trained models, metrics; and clean stops on SIGTERM.
+
+Layout: ``config.json`` (settings, dataset, normalisation, version), ``checkpoints/STAGE.pt`` while a stage
+trains, ``models/NAME.pt`` when it has finished, ``metrics.json``, ``report.md``, ``student.onnx``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import __version__
+from .config import Config
+from .data import DatasetSpec, Normalizer
+from .events import UserError
+from .models import SegModel, build_model
+
+_stop = threading.Event()
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM / SIGINT (and CTRL_BREAK on Windows) ask training to checkpoint and stop at the next step."""
+    def request_stop(signum: int, _frame: Any) -> None:
+        _stop.set()
+
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), request_stop)
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path, config: Config, dataset: DatasetSpec, normalizer: Optional[Normalizer]) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.dataset = dataset
+        self.normalizer = normalizer
+
+    # -- creation and resumption ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path, config: Config, dataset: DatasetSpec) -> RunDir:
+        path = Path(path)
+        if (path / "config.json").exists():
+            raise UserError(f"{path} already holds a run", f"continue it with --resume {path}, or choose a new --out")
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} is not empty", "choose a new or empty folder for --out; nothing was written")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run folder {path}: {exc}", "choose a writable folder") from exc
+        run = cls(path, config, dataset, None)
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        path = Path(path)
+        try:
+            data = json.loads((path / "config.json").read_text())
+        except FileNotFoundError as exc:
+            raise UserError(f"{path} holds no run (config.json missing)", "give the folder of an earlier run") from exc
+        normalizer = Normalizer(**data["normalizer"]) if data.get("normalizer") else None
+        return cls(path, Config(**data["config"]), DatasetSpec.from_json(data["dataset"]), normalizer)
+
+    def save(self) -> None:
+        data = {
+            "version": __version__,
+            "config": self.config.to_json(),
+            "dataset": self.dataset.to_json(),
+            "normalizer": None if self.normalizer is None else vars(self.normalizer),
+        }
+        _atomic_write(self.path / "config.json", lambda p: p.write_text(json.dumps(data, indent=2)))
+
+    # -- checkpoints and models ----------------------------------------------------------------------------
+    def checkpoint_path(self, stage: str) -> Path:
+        return self.path / "checkpoints" / f"{stage}.pt"
+
+    def save_checkpoint(self, stage: str, state: dict) -> Path:
+        path = self.checkpoint_path(stage)
+        path.parent.mkdir(exist_ok=True)
+        _atomic_write(path, lambda p: torch.save(state, p))
+        return path
+
+    def load_checkpoint(self, stage: str) -> Optional[dict]:
+        path = self.checkpoint_path(stage)
+        return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+    def model_path(self, name: str) -> Path:
+        return self.path / "models" / f"{name}.pt"
+
+    def has_model(self, name: str) -> bool:
+        return self.model_path(name).exists()
+
+    def save_model(self, name: str, model: SegModel) -> Path:
+        path = self.model_path(name)
+        path.parent.mkdir(exist_ok=True)
+        _atomic_write(path, lambda p: torch.save({"arch": model.name, "state_dict": model.state_dict()}, p))
+        return path
+
+    def load_model(self, name: str) -> SegModel:
+        if not self.has_model(name):
+            raise UserError(f"{self.path} has no trained model '{name}'", "run the stage that trains it first")
+        saved = torch.load(self.model_path(name), map_location="cpu", weights_only=True)
+        model = build_model(saved["arch"], len(self.config.bands), weights="none")
+        model.load_state_dict(saved["state_dict"])
+        return model
+
+    # -- metrics -------------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        path = self.path / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {"models": {}}
+
+    def update_metrics(self, name: str, values: dict) -> None:
+        data = self.metrics()
+        data["models"].setdefault(name, {}).update(values)
+        _atomic_write(self.path / "metrics.json", lambda p: p.write_text(json.dumps(data, indent=2)))
