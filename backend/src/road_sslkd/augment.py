@@ -14,7 +14,7 @@ def weak(batch: Batch) -> Batch:
     for i in range(batch["image"].shape[0]):
         k = int(torch.randint(0, 4, ()))
         flip = bool(torch.randint(0, 2, ()))
-        for key, value in out.items():
+        for value in out.values():
             x = value[i]
             x = torch.rot90(x, k, dims=(-2, -1))
             value[i] = torch.flip(x, dims=(-1,)) if flip else x

@@ -1,4 +1,6 @@
-"""`road-sslkd` command line: one sub-command per module, each exposing ``register(subparsers)``.
+"""Road SSLKD backend: train road teachers and students, export ONNX, segment rasters.
+
+One sub-command per module, each exposing ``register(subparsers)``.
 
 Every command reports through JSON-lines events on stdout (``road_sslkd.events``); a ``UserError`` becomes
 an ``error`` event with a hint and exit code 2, any other failure an ``error`` event and exit code 1.
@@ -14,34 +16,41 @@ from typing import Optional
 
 from . import __version__, events
 
-# Sub-command modules, imported lazily so that `road-sslkd --help` and light commands start fast.
-COMMAND_MODULES = (
-    "road_sslkd.pipeline",  # train
-    "road_sslkd.evaluate",  # evaluate
-    "road_sslkd.export",  # export
-    "road_sslkd.predict",  # predict
-    "road_sslkd.bench",  # bench
-    "road_sslkd.demo_data",  # demo-data
-    "road_sslkd.demo",  # demo
-)
+# Sub-command -> (module with ``register``, one-line help). Only the module of the command being run is
+# imported, so light commands (predict, demo-data) never load torch.
+COMMANDS = {
+    "train": ("road_sslkd.pipeline", "train teachers and the SSLKD student, export student.onnx"),
+    "evaluate": ("road_sslkd.evaluate", "evaluate trained models of a run on test rasters"),
+    "export": ("road_sslkd.export", "export a trained model of a run to ONNX"),
+    "predict": ("road_sslkd.predict", "segment roads in rasters with an ONNX model"),
+    "bench": ("road_sslkd.bench", "compare students and teachers on a dataset"),
+    "bench-inference": ("road_sslkd.bench_inference", "measure ONNX and torch inference speed and memory"),
+    "demo-data": ("road_sslkd.demo_data", "write a small synthetic dataset"),
+    "demo": ("road_sslkd.demo", "the whole job on embedded synthetic data, in minutes"),
+}
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 143
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The full parser of ``command``; the others appear in --help by name only."""
     parser = argparse.ArgumentParser(prog="road-sslkd", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"road-sslkd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, summary) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     events.setup_logging(args.verbose)
     try:
         args.func(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -20,7 +21,11 @@ from rasterio.windows import Window
 
 from .events import UserError
 
+# Plain PNG/JPEG tiles (like many benchmark sets) have no georeferencing: pixel space is fine for training.
+warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+
 VECTOR_SUFFIXES = {".gpkg", ".shp", ".geojson", ".json", ".fgb", ".sqlite", ".kml"}
+WIDTH_FIELDS = ("width_m", "width")
 CACHE_PIXELS = 16_000_000  # rasters up to this size are read once and kept; larger ones are read per window
 PathLike = Union[str, Path]
 
@@ -58,7 +63,8 @@ class DatasetSpec:
                 test=[Pair(folder / p["image"], folder / p["mask"]) for p in data.get("test", [])],
             )
         except (KeyError, TypeError) as exc:
-            raise UserError(f"{split}: entries need 'image' and 'mask' ({exc})", "see DESIGN.md's split format") from exc
+            message = f"{split}: entries need 'image' and 'mask' ({exc})"
+            raise UserError(message, "see DESIGN.md's split format") from exc
 
     @classmethod
     def from_lists(cls, labelled: list[str], unlabelled: list[str], test: list[str]) -> DatasetSpec:
@@ -103,7 +109,8 @@ def _open(path: Path) -> rasterio.DatasetReader:
     try:
         return rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
-        raise UserError(f"cannot read raster {path}: {exc}", "give a raster GDAL can open (GeoTIFF, PNG, JPEG)") from exc
+        hint = "give a raster GDAL can open (GeoTIFF, PNG, JPEG)"
+        raise UserError(f"cannot read raster {path}: {exc}", hint) from exc
 
 
 class Raster:
@@ -199,16 +206,22 @@ def _rasterise_vector(path: Path, raster: Raster, width: float) -> np.ndarray:
     if not path.exists():
         raise UserError(f"file not found: {path}", "check the label path")
     try:
-        meta, _, wkb, _ = pyogrio.raw.read(path)
+        meta, _, wkb, field_data = pyogrio.raw.read(path)
     except Exception as exc:  # noqa: BLE001 - pyogrio raises many types for unreadable files
         raise UserError(f"cannot read vector labels {path}: {exc}", "give a GeoPackage, Shapefile or GeoJSON") from exc
-    geoms = [g for g in shapely.from_wkb(wkb) if g is not None and not g.is_empty]
-    if not geoms:
+    # A per-feature width field (map units) wins over the run's default width.
+    names = [str(n).lower() for n in meta.get("fields", [])]
+    field = next((n for n in WIDTH_FIELDS if n in names), None)
+    widths = field_data[names.index(field)] if field else [width] * len(wkb)
+    features = [(g, float(w) if w is not None and float(w) > 0 else width)
+                for g, w in zip(shapely.from_wkb(wkb), widths) if g is not None and not g.is_empty]
+    if not features:
         raise UserError(f"{path} holds no geometry", "digitise road lines or polygons first")
     src_crs, dst_crs = meta.get("crs"), raster.ds.crs
     if src_crs and dst_crs and rasterio.crs.CRS.from_user_input(src_crs) != dst_crs:
-        geoms = [shapely.geometry.shape(transform_geom(src_crs, dst_crs, shapely.geometry.mapping(g))) for g in geoms]
-    shapes = [g if g.geom_type.endswith("Polygon") else g.buffer(width / 2, cap_style="flat") for g in geoms]
+        features = [(shapely.geometry.shape(transform_geom(src_crs, dst_crs, shapely.geometry.mapping(g))), w)
+                    for g, w in features]
+    shapes = [g if g.geom_type.endswith("Polygon") else g.buffer(w / 2, cap_style="flat") for g, w in features]
     if raster.height * raster.width > CACHE_PIXELS * 4:
         raise UserError(f"{raster.path} is too large to rasterise vector labels in memory",
                         "rasterise the road lines to a mask on the image grid first (gdal_rasterize)")

@@ -1,0 +1,149 @@
+"""`road-sslkd bench`: every student and teacher of DESIGN.md's comparison, trained on one split with one
+budget per seed, evaluated on the whole test rasters, summarised in report.json and report.md.
+
+Each seed is an ordinary run folder under ``--work`` and is resumed when the benchmark is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, events
+from .config import Config
+from .data import DatasetSpec
+from .evaluate import onnx_throughput
+from .export import export_run_model
+from .pipeline import STAGE_NAMES, add_config_arguments, config_from_args, metrics_table, train
+from .runs import RunDir, install_stop_handlers
+
+REPORT_MODELS = ("student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
+                 "student_kd", "student_sslkd")
+METRIC_KEYS = ("iou", "f1", "precision", "recall", "relaxed_f1")
+
+
+def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """Mean over seeds of every metric, plus the spread (population std) of each quality metric."""
+    models = {}
+    for name in REPORT_MODELS:
+        runs = [m[name] for m in per_seed if name in m]
+        if not runs:
+            continue
+        entry = {}
+        for key in runs[0]:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                entry[key] = float(np.mean(values))
+                if key in METRIC_KEYS:
+                    entry[f"{key}_std"] = float(np.std(values))
+        models[name] = entry
+    return models
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str) -> dict[str, dict]:
+    spec = DatasetSpec.from_split(data)
+    if not spec.test:
+        raise events.UserError(f"{data}/split.json has no 'test' pairs", "the benchmark evaluates on the test split")
+    per_seed, first_run = [], None
+    for seed in seeds:
+        path = work / f"seed_{seed}"
+        if (path / "config.json").exists():
+            run = RunDir.open(path)
+            if run.config.to_json() != {**cfg.to_json(), "seed": seed}:
+                raise events.UserError(f"{path} holds a run with other settings",
+                                       f"delete {path} or pass another --work folder")
+        else:
+            run = RunDir.create(path, Config(**{**cfg.to_json(), "seed": seed}), spec)
+        events.log.info("benchmark seed %d in %s", seed, path)
+        per_seed.append(train(run, device)["models"])
+        first_run = first_run or run
+    models = aggregate(per_seed)
+    with tempfile.TemporaryDirectory() as tmp:  # throughput of every model as an ONNX on this CPU
+        for name in models:
+            onnx_path = export_run_model(first_run, name, Path(tmp) / f"{name}.onnx")
+            models[name]["mpx_per_s"] = onnx_throughput(onnx_path, len(cfg.bands), size=cfg.tile)
+    return models
+
+
+def report_markdown(report: dict) -> str:
+    m = report["models"]
+    lines = [
+        f"# Benchmark: {report['dataset']} ({report['preset']} preset)",
+        "",
+        f"Seeds {report['seeds']}, road-sslkd {report['version']}, {report['date']}, "
+        f"{report['machine']['cpu']} ({report['machine']['cores']} cores), GPU: {report['machine']['gpu']}.",
+        "",
+        "Road-class metrics on the whole test rasters (percent, mean ± std over seeds); relaxed F1 counts a hit "
+        "within 3 px; Mpx/s is onnxruntime on this CPU (all threads, 2 tiles per batch); train seconds per "
+        "stage (teacher_*_ssl share one stage).",
+        "",
+        metrics_table(m),
+        "",
+        "Command:",
+        "",
+        f"    {report['command']}",
+        "",
+    ]
+    if "student_sslkd" in m and "student_ssl" in m:
+        gap = 100 * (m["student_sslkd"]["iou"] - m["student_ssl"]["iou"])
+        lines += [f"SSLKD student minus the UniMatch-style semi-supervised student: {gap:+.1f} IoU points.", ""]
+    return "\n".join(lines)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="compare students and teachers on a dataset (report.json, report.md)")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder with split.json (needs 'test')")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json and report.md")
+    p.add_argument("--work", type=Path, help="folder for the runs (default: runs/bench-DATASET-PRESET)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    add_config_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    install_stop_handlers()
+    report_json = args.out / "report.json"
+    if report_json.exists() and not args.overwrite:
+        raise events.UserError(f"{report_json} exists", "pass --overwrite to replace the report")
+    cfg = config_from_args(args, stages=list(STAGE_NAMES))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    dataset = args.data.resolve().name
+    work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
+    models = run_bench(args.data, cfg, seeds, work, args.device)
+    report = {
+        "dataset": dataset, "preset": cfg.preset, "seeds": seeds,
+        "command": " ".join(shlex.quote(a) for a in ["road-sslkd", *sys.argv[1:]]),
+        "version": __version__, "date": datetime.date.today().isoformat(), "machine": machine(),
+        "config": cfg.to_json(), "models": models,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    report_json.write_text(json.dumps(report, indent=2))
+    (args.out / "report.md").write_text(report_markdown(report))
+    events.artifact("report", args.out / "report.md")
+    events.emit("done", report=str(report_json), models=models)

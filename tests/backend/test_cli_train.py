@@ -1,0 +1,82 @@
+"""End-to-end: `road-sslkd train --preset tiny` through the real CLI as a subprocess."""
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from conftest import CLI, errors, run_cli
+from road_sslkd.runs import RunDir
+
+
+def test_train_tiny_writes_verified_student(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    code, events, stderr = run_cli("train", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(run))
+    assert code == 0, stderr[-2000:]
+    kinds = {e["event"] for e in events}
+    assert {"progress", "metric", "artifact", "done"} <= kinds
+    assert not errors(events)
+    stages = {e["stage"] for e in events if e["event"] == "progress"}
+    assert {"teacher_a", "teacher_b", "teachers_ssl", "student_sslkd", "export"} <= stages
+    for name in ("student.onnx", "metrics.json", "report.md", "config.json"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    for name in ("teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl", "student_sslkd"):
+        assert 0.0 <= metrics[name]["iou"] <= 1.0
+        assert metrics[name]["params"] > 0
+    assert metrics["student_sslkd"]["mpx_per_s"] > 0
+    assert "student_sslkd" in (run / "report.md").read_text()
+
+    # The ONNX student matches the trained torch student (probabilities).
+    model = RunDir.open(run).load_model("student_sslkd").eval()
+    session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["model_type"] == "Segmentor"
+    assert json.loads(meta["tile_size"]) == json.loads(meta["tiles_size"]) == 64
+    assert len(json.loads(meta["standardization_mean"])) == 3
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 128)).astype(np.float32)
+    got = session.run(None, {"image": x})[0]
+    with torch.no_grad():
+        want = torch.sigmoid(model(torch.from_numpy(x))).numpy()
+    assert got.shape == (2, 1, 96, 128)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def _wait_for_step(proc: subprocess.Popen, stage: str, min_step: int) -> list[dict]:
+    seen = []
+    for line in proc.stdout:
+        event = json.loads(line)
+        seen.append(event)
+        if event["event"] == "progress" and event["stage"] == stage and event["step"] >= min_step:
+            return seen
+    raise AssertionError(f"training ended before {stage} step {min_step}: {seen[-3:]}")
+
+
+def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(run), "--steps-scale", "8",
+            "--stages", "teacher_a,teacher_b"]
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, "teacher_b", 4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    last = [json.loads(line) for line in out.splitlines()][-1]
+    assert last["event"] == "error" and last["cancelled"] is True
+    assert (run / "checkpoints" / "teacher_b.pt").is_file()
+    assert (run / "models" / "teacher_a.pt").is_file()
+    assert not (run / "models" / "teacher_b.pt").exists()
+    stamp = (run / "models" / "teacher_a.pt").stat().st_mtime
+
+    time.sleep(0.01)
+    code, events, stderr = run_cli("train", "--resume", str(run))
+    assert code == 0, stderr[-2000:]
+    steps = [e["step"] for e in events if e["event"] == "progress" and e["stage"] == "teacher_b"]
+    assert steps and steps[0] > 4  # continued, not restarted
+    assert "teacher_a" not in {e.get("stage") for e in events if e["event"] == "progress"}
+    assert (run / "models" / "teacher_a.pt").stat().st_mtime == stamp
+    assert (run / "models" / "teacher_b.pt").is_file()
+    assert not (run / "checkpoints" / "teacher_b.pt").exists()

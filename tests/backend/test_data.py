@@ -1,0 +1,107 @@
+"""Reading rasters by window, nodata, vector road labels, normalisation, crops, pair parsing."""
+
+import numpy as np
+import pyogrio.raw
+import pytest
+import rasterio
+import shapely
+from rasterio.transform import from_origin
+from road_sslkd import data
+from road_sslkd.data import CropSampler, Label, Normalizer, Pair, Raster, parse_pair
+
+
+def _write(path, array, nodata=None, crs="EPSG:32633", res=0.5):
+    array = array if array.ndim == 3 else array[None]
+    with rasterio.open(path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1],
+                       count=array.shape[0], dtype=array.dtype, crs=crs, nodata=nodata, photometric="minisblack",
+                       transform=from_origin(500000, 5000000, res, res)) as dst:
+        dst.write(array)
+    return path
+
+
+def test_windowed_reads_equal_cached_reads(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (4, 70, 90), dtype=np.uint8)
+    path = _write(tmp_path / "img.tif", pixels)
+    cached = Raster(path, [3, 1])
+    monkeypatch.setattr(data, "CACHE_PIXELS", 10)
+    streamed = Raster(path, [3, 1])
+    assert streamed._cache is None and cached._cache is not None
+    a, va = cached.read(5, 7, 30, 40)
+    b, vb = streamed.read(5, 7, 30, 40)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[0] * 255, pixels[2, 5:35, 7:47].astype(np.float32))
+    assert va.all() and vb.all()
+
+
+def test_uint16_and_nodata(tmp_path):
+    pixels = np.full((3, 20, 20), 1000, np.uint16)
+    pixels[:, :5, :] = 0
+    raster = Raster(_write(tmp_path / "img.tif", pixels, nodata=0), [1, 2, 3])
+    image, valid = raster.read(0, 0, 20, 20)
+    assert not valid[:5].any() and valid[5:].all()
+    assert image[0, 10, 10] == pytest.approx(1000 / 255)
+
+
+def test_vector_lines_are_rasterised_with_width(tmp_path):
+    image = _write(tmp_path / "img.tif", np.zeros((3, 100, 100), np.uint8))
+    # A horizontal road through the middle row (y = 5000000 - 25 m), 5 m wide = 10 px at 0.5 m.
+    line = shapely.LineString([(500000, 4999975), (500050, 4999975)])
+    gpkg = tmp_path / "roads.gpkg"
+    pyogrio.raw.write(gpkg, geometry=shapely.to_wkb(np.array([line])), field_data=[], fields=[],
+                  geometry_type="LineString", crs="EPSG:32633", driver="GPKG")
+    pair = Pair(image, gpkg)
+    assert pair.is_vector
+    label = Label(pair, Raster(image, [1, 2, 3]), width=5.0)
+    mask = label.read(0, 0, 100, 100)
+    rows = np.where(mask.any(axis=1))[0]
+    assert rows.min() == 45 and rows.max() == 54  # 10 rows around row 50
+    assert mask[50].all()
+
+
+def test_vector_labels_in_another_crs_are_reprojected(tmp_path):
+    image = _write(tmp_path / "img.tif", np.zeros((3, 100, 100), np.uint8))
+    from rasterio.warp import transform
+
+    xs, ys = transform("EPSG:32633", "EPSG:4326", [500000, 500050], [4999975, 4999975])
+    gpkg = tmp_path / "roads_wgs84.gpkg"
+    line = shapely.LineString(list(zip(xs, ys)))
+    pyogrio.raw.write(gpkg, geometry=shapely.to_wkb(np.array([line])), field_data=[], fields=[],
+                  geometry_type="LineString", crs="EPSG:4326", driver="GPKG")
+    mask = Label(Pair(image, gpkg), Raster(image, [1, 2, 3]), width=5.0).read(0, 0, 100, 100)
+    assert mask[50, 5:95].all() and not mask[30].any()
+
+
+def test_normaliser_and_crops(tmp_path):
+    rng = np.random.default_rng(1)
+    image = _write(tmp_path / "img.tif", rng.integers(0, 255, (3, 50, 40), dtype=np.uint8))
+    mask = _write(tmp_path / "mask.tif", (rng.random((50, 40)) > 0.7).astype(np.uint8) * 255)
+    raster = Raster(image, [1, 2, 3])
+    label = Label(Pair(image, mask), raster, 1.0)
+    norm = Normalizer.fit([raster])
+    pixels, _ = raster.read(0, 0, 50, 40)
+    standardised = norm(pixels)
+    assert np.abs(standardised.mean(axis=(1, 2))).max() < 0.05
+    sampler = CropSampler([raster], [label], crop=64, normalizer=norm, seed=0)
+    batch = sampler.sample(3)
+    assert batch["image"].shape == (3, 3, 64, 64)
+    # A crop larger than the raster is padded and the padding marked invalid.
+    assert batch["valid"][:, :50, :40].all() and not batch["valid"][:, 50:, :].any()
+    assert set(np.unique(batch["label"].numpy())) <= {0.0, 1.0}
+
+
+def test_parse_pair_handles_windows_drives():
+    assert parse_pair("a.tif:b.gpkg") == Pair(data.Path("a.tif"), data.Path("b.gpkg"))
+    pair = parse_pair(r"C:\data\a.tif:D:\labels\b.tif")
+    assert str(pair.image) == r"C:\data\a.tif" and str(pair.label) == r"D:\labels\b.tif"
+    with pytest.raises(data.UserError):
+        parse_pair("only-one-path.tif")
+
+
+def test_width_field_of_road_lines_wins_over_default(tiny_dataset):
+    image = tiny_dataset / "images" / "scene_000.tif"
+    raster = Raster(image, [1, 2, 3])
+    from_lines = Label(Pair(image, tiny_dataset / "roads" / "scene_000.gpkg"), raster, width=50.0)
+    from_mask = Label(Pair(image, tiny_dataset / "masks" / "scene_000.tif"), raster, width=0)
+    a, b = from_lines.read(0, 0, 96, 96) == 1, from_mask.read(0, 0, 96, 96) == 1
+    assert (a & b).sum() / (a | b).sum() > 0.9  # a 50 m default would flood the scene

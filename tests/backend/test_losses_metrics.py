@@ -1,0 +1,83 @@
+"""Losses and metrics against values computed by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from road_sslkd import losses
+from road_sslkd.metrics import RoadMetrics
+
+
+def test_bce_ignores_invalid_pixels():
+    logits = torch.tensor([[0.0, 2.0, -50.0]])
+    target = torch.tensor([[1.0, 1.0, 1.0]])
+    valid = torch.tensor([[True, True, False]])
+    expected = (math.log(2) + math.log(1 + math.exp(-2))) / 2
+    assert losses.bce(logits, target, valid).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_by_hand():
+    logits = torch.tensor([[0.0, 0.0]])  # p = 0.5, 0.5
+    target = torch.tensor([[1.0, 0.0]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    # 1 - (2 * 0.5 + 1) / (1.0 + 1 + 1) with eps = 1
+    assert losses.dice(logits, target, valid).item() == pytest.approx(1 - 2 / 3)
+
+
+def test_confidence_weighted_pseudo_label():
+    target, weight = losses.pseudo_label(torch.tensor([0.9, 0.5, 0.2]))
+    assert target.tolist() == [1.0, 0.0, 0.0]
+    assert weight.tolist() == pytest.approx([0.8, 0.0, 0.6])
+
+
+def test_prob_distill_is_zero_for_identical_and_matches_bernoulli_kl():
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    same = losses.prob_distill(torch.tensor([[1.3]]), torch.tensor([[1.3]]), valid, temperature=2.0)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    s, t, temp = 0.0, 2.0, 2.0
+    p, q = 1 / (1 + math.exp(-t / temp)), 1 / (1 + math.exp(-s / temp))
+    kl = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    got = losses.prob_distill(torch.tensor([[s]]), torch.tensor([[t]]), valid, temperature=temp)
+    assert got.item() == pytest.approx(kl * temp * temp, rel=1e-5)
+
+
+def test_feature_distill_resizes_and_normalises():
+    teacher = torch.zeros(1, 2, 4, 4)
+    teacher[:, 0] = 3.0  # unit vector (1, 0) after normalisation
+    student = torch.zeros(1, 2, 2, 2)
+    student[:, 1] = 5.0  # unit vector (0, 1): squared distance 2 per pixel
+    assert losses.feature_distill(student, teacher).item() == pytest.approx(2.0)
+    assert losses.feature_distill(teacher * 7, teacher).item() == pytest.approx(0.0)
+
+
+def test_road_metrics_by_hand():
+    truth = np.zeros((1, 10), bool)
+    truth[0, 2:5] = True  # road at 2, 3, 4
+    pred = np.zeros((1, 10), bool)
+    pred[0, 3:6] = True  # predicted 3, 4, 5
+    pred[0, 9] = True  # far false positive, inside nodata below
+    valid = np.ones((1, 10), bool)
+    valid[0, 9] = False
+    m = RoadMetrics()
+    m.update(pred, truth, valid)
+    assert (m.tp, m.fp, m.fn) == (2, 1, 1)
+    assert m.iou == pytest.approx(2 / 4)
+    assert m.f1 == pytest.approx(4 / 6)
+    assert m.precision == pytest.approx(2 / 3)
+    assert m.recall == pytest.approx(2 / 3)
+    # Within 3 px every valid prediction and every true pixel is matched.
+    assert m.relaxed_f1 == pytest.approx(1.0)
+
+
+def test_relaxed_f1_counts_misses_beyond_three_pixels():
+    truth = np.zeros((1, 20), bool)
+    truth[0, 0] = True
+    pred = np.zeros((1, 20), bool)
+    pred[0, 3] = True  # 3 px away: a hit
+    pred[0, 10] = True  # 10 px away: a miss
+    m = RoadMetrics()
+    m.update(pred, truth, np.ones_like(truth))
+    precision, recall = 1 / 2, 1.0
+    assert m.relaxed_f1 == pytest.approx(2 * precision * recall / (precision + recall))
+    assert m.iou == 0.0
