@@ -57,8 +57,10 @@ test-plugin: setup
 
 test: lint test-backend test-plugin
 
+# JSON events go to a file; the terminal shows the human log, the metrics table and where the outputs are.
 demo: setup
-	$(BACKEND_VENV)/bin/road-sslkd demo --out $(DEMO_DIR)
+	@mkdir -p $(DEMO_DIR)
+	$(BACKEND_VENV)/bin/road-sslkd demo --out $(DEMO_DIR) > $(DEMO_DIR)/events.jsonl
 
 bench: setup
 	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \

@@ -7,15 +7,23 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from conftest import CLI, errors, run_cli
 from road_sslkd.runs import RunDir
 
 
-def test_train_tiny_writes_verified_student(tiny_dataset, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dataset, tmp_path_factory):
+    """One real `road-sslkd train --preset tiny` subprocess, shared by the tests of this module."""
+    run = tmp_path_factory.mktemp("train") / "run"
     code, events, stderr = run_cli("train", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(run))
     assert code == 0, stderr[-2000:]
+    return run, events
+
+
+def test_train_tiny_writes_verified_student(tiny_run):
+    run, events = tiny_run
     kinds = {e["event"] for e in events}
     assert {"progress", "metric", "artifact", "done"} <= kinds
     assert not errors(events)
@@ -43,6 +51,22 @@ def test_train_tiny_writes_verified_student(tiny_dataset, tmp_path):
         want = torch.sigmoid(model(torch.from_numpy(x))).numpy()
     assert got.shape == (2, 1, 96, 128)
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_evaluate_and_export_commands(tiny_run, tiny_dataset, run_main, tmp_path):
+    run, _ = tiny_run
+    code, events = run_main("evaluate", str(run), "--data", str(tiny_dataset), "--models", "teacher_a,student_sslkd")
+    assert code == 0
+    done = events[-1]
+    stored = json.loads((run / "metrics.json").read_text())["models"]
+    assert done["results"]["student_sslkd"]["iou"] == pytest.approx(stored["student_sslkd"]["iou"])
+    target = tmp_path / "teacher.onnx"
+    code, events = run_main("export", str(run), "--model", "teacher_a_ssl", "--out", str(target))
+    assert code == 0 and target.is_file()
+    meta = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert meta["road_sslkd_model"] == "teacher_a_ssl"
+    code, events = run_main("export", str(run), "--model", "teacher_a_ssl", "--out", str(target))
+    assert code == 2 and "--overwrite" in errors(events)[0]["hint"]
 
 
 def _wait_for_step(proc: subprocess.Popen, stage: str, min_step: int) -> list[dict]:
