@@ -63,6 +63,7 @@ demo: setup
 	$(BACKEND_VENV)/bin/road-sslkd demo --out $(DEMO_DIR) > $(DEMO_DIR)/events.jsonl
 
 bench: setup
+	$(BACKEND_VENV)/bin/road-sslkd bench-inference --out docs/benchmarks/inference.md --overwrite
 	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \
 	  --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
 

@@ -58,10 +58,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         events.error(exc.message, exc.hint)
         return EXIT_USER_ERROR
     except events.Cancelled as exc:
-        events.error(str(exc), "continue with --resume RUN_DIR", cancelled=True)
+        events.error(str(exc), exc.hint, cancelled=True)
         return EXIT_CANCELLED
     except KeyboardInterrupt:
-        events.error("interrupted", "continue with --resume RUN_DIR", cancelled=True)
+        events.error("interrupted", "run the command again (training: --resume RUN_DIR)", cancelled=True)
         return EXIT_CANCELLED
     except Exception as exc:  # noqa: BLE001 - the protocol promises an error event for every failure
         logging.getLogger("road_sslkd").exception("unexpected failure")

@@ -24,12 +24,12 @@ class Config:
     weights: str = "imagenet"  # "imagenet", "none" or a local state-dict file
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
     label_width: float = 6.0  # road width in map units when labels are vector lines
-    crop: int = 192
+    crop: int = 160
     batch: int = 8
     batch_unlabelled: int = 8
     # Optimisation steps per stage; "steps_scale" multiplies them all (the dock's "training length").
     steps: dict[str, int] = field(
-        default_factory=lambda: {"teacher": 300, "teachers_ssl": 300, "student": 300}
+        default_factory=lambda: {"teacher": 200, "teachers_ssl": 150, "student": 250}
     )
     steps_scale: float = 1.0
     lr: float = 1e-3

@@ -313,10 +313,3 @@ class CropSampler:
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
 
-
-def ground_resolution_cm(path: PathLike) -> Optional[float]:
-    """Pixel size in cm for rasters in a projected CRS with metre units; None when unknown."""
-    with rasterio.open(path) as ds:
-        if ds.crs is None or not ds.crs.is_projected or (ds.crs.linear_units or "").lower() not in ("metre", "meter"):
-            return None
-        return round(abs(ds.transform.a) * 100, 3)

@@ -28,7 +28,11 @@ class UserError(Exception):
 
 
 class Cancelled(Exception):
-    """Raised inside training when SIGTERM asked us to stop; the checkpoint is already written."""
+    """Raised when SIGTERM asked us to stop; whatever can be resumed is already saved."""
+
+    def __init__(self, message: str, hint: str = "continue with --resume RUN_DIR") -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 def _clean(value: Any) -> Any:

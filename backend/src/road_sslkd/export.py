@@ -103,11 +103,17 @@ def verify(wrapped: nn.Module, path: Path, channels: int, atol: float = 1e-4) ->
 def export_run_model(run: Any, name: str, path: Path, overwrite: bool = False,
                      extra: Optional[dict[str, Any]] = None) -> Path:
     """Export a trained model of a run folder with the run's normalisation and provenance."""
-    from .data import ground_resolution_cm
+    import rasterio
+
+    from .predict import ground_resolution_m
 
     cfg = run.config
     model = run.load_model(name)
-    resolution = ground_resolution_cm(run.dataset.labelled[0].image) if run.dataset.labelled else None
+    resolution = None
+    if run.dataset.labelled:
+        with rasterio.open(run.dataset.labelled[0].image) as ds:
+            ground = ground_resolution_m(ds)
+        resolution = None if ground is None else round(100 * ground[0], 3)
     summary = {
         "labelled": len(run.dataset.labelled), "unlabelled": len(run.dataset.unlabelled),
         "teachers": [cfg.teacher_a, cfg.teacher_b], "preset": cfg.preset, "bands": cfg.bands,
