@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from road_sslkd.demo_data import write_demo_dataset
 
 CLI = [sys.executable, "-m", "road_sslkd.cli"]

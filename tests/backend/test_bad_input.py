@@ -5,8 +5,9 @@ import shutil
 
 import numpy as np
 import rasterio
-from conftest import errors
 from rasterio.transform import from_origin
+
+from conftest import errors
 
 
 def _write(path, array, crs="EPSG:32633", nodata=None):

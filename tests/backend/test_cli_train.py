@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+
 from conftest import CLI, errors, run_cli
 from road_sslkd.runs import RunDir
 

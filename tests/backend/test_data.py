@@ -6,6 +6,7 @@ import pytest
 import rasterio
 import shapely
 from rasterio.transform import from_origin
+
 from road_sslkd import data
 from road_sslkd.data import CropSampler, Label, Normalizer, Pair, Raster, parse_pair
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.features import rasterize
+
 from road_sslkd import events
 from road_sslkd.demo_data import write_demo_dataset
 

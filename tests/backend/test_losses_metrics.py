@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from road_sslkd import losses
 from road_sslkd.metrics import RoadMetrics
 

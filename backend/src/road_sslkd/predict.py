@@ -1,0 +1,420 @@
+"""`road-sslkd predict`: road probability GeoTIFFs and centreline GeoPackages for whole rasters.
+
+Rasters stream through ``onnx_runtime`` in strips (rasterio reads and writes), at the model's ground
+resolution: a raster with another resolution is read through a warped VRT at the model's resolution and
+the result warped back onto the raster's own grid. Outputs are written under a temporary name and renamed
+when complete, so an interrupted run never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyogrio.raw
+import rasterio
+import shapely
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+from skimage.morphology import skeletonize
+
+from . import events
+from .events import UserError
+from .onnx_runtime import PROVIDERS, OnnxSegmenter, load_model
+
+PROBABILITY_SUFFIX = "_road_prob.tif"
+CENTRELINES_SUFFIX = "_centrelines.gpkg"
+RESAMPLE_TOLERANCE = 0.05  # relative resolution difference below which the raster is used as it is
+METRES_PER_DEGREE = 111_320.0  # at the equator; scaled by cos(latitude) for longitudes
+STRIP_ROWS = 1024  # rows per strip where this module copies or vectorises rasters itself
+SPUR_PX_WITHOUT_CRS = 20.0
+GDAL_OPTIONS = {
+    "GDAL_CACHEMAX": 128,  # MB. Strips need little; the default (5 % of RAM) would let memory grow with the raster
+    "GDAL_TIFF_INTERNAL_MASK": True,  # a .msk sidecar would not follow the rename of the finished output
+}
+GTIFF = {"driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+         "predictor": 2, "BIGTIFF": "IF_SAFER"}
+
+
+def _open(path: Path) -> rasterio.DatasetReader:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel space is supported on purpose
+            return rasterio.open(path)
+    except RasterioIOError as exc:
+        hint = "check the path and that it is a raster GDAL reads (GeoTIFF, PNG, JPEG...)"
+        raise UserError(f"cannot read raster {path}: {exc}", hint=hint) from exc
+
+
+def ground_resolution_m(dataset: rasterio.DatasetReader) -> Optional[tuple[float, float]]:
+    """Pixel width and height on the ground in metres; None for a raster without CRS."""
+    if dataset.crs is None:
+        return None
+    xres, yres = abs(dataset.transform.a), abs(dataset.transform.e)  # rotated rasters are rare in imagery
+    if dataset.crs.is_geographic:
+        latitude = dataset.xy(dataset.height / 2, dataset.width / 2)[1]
+        return xres * METRES_PER_DEGREE * math.cos(math.radians(latitude)), yres * METRES_PER_DEGREE
+    factor = dataset.crs.linear_units_factor[1]
+    return xres * factor, yres * factor
+
+
+def _grid(dataset: rasterio.DatasetReader) -> dict:
+    """The keyword arguments that put a new raster on ``dataset``'s grid."""
+    return {"crs": dataset.crs, "transform": dataset.transform, "width": dataset.width,
+            "height": dataset.height}
+
+
+def _model_grid(dataset: rasterio.DatasetReader, resolution_cm: Optional[float]) -> Optional[dict]:
+    """The model-resolution grid covering the raster, or None when the raster can be used as it is."""
+    ground = ground_resolution_m(dataset)
+    if ground is None or not resolution_cm:
+        return None
+    scale = [resolution_cm / 100 / size for size in ground]  # raster pixels per model pixel
+    if all(abs(s - 1) <= RESAMPLE_TOLERANCE for s in scale):
+        return None
+    width = max(1, round(dataset.width / scale[0]))
+    height = max(1, round(dataset.height / scale[1]))
+    a, b, c, d, e, f = dataset.transform[:6]
+    sx, sy = dataset.width / width, dataset.height / height
+    transform = rasterio.Affine(a * sx, b * sy, c, d * sx, e * sy, f)  # same origin, coarser pixels
+    return {**_grid(dataset), "transform": transform, "width": width, "height": height}
+
+
+def _has_nodata(dataset: rasterio.DatasetReader, bands: list[int]) -> bool:
+    return any(MaskFlags.all_valid not in dataset.mask_flag_enums[b - 1] for b in bands)
+
+
+class RasterioSource:
+    """``RasterSource`` over a rasterio dataset (or warped VRT): the chosen bands, masked where nodata."""
+
+    def __init__(self, dataset: rasterio.DatasetReader, bands: list[int]) -> None:
+        self.dataset, self.bands = dataset, bands
+        self.height, self.width = dataset.height, dataset.width
+        self.masked = _has_nodata(dataset, bands)
+
+    def read(self, row_off: int, rows: int) -> np.ndarray:
+        return self.dataset.read(self.bands, window=Window(0, row_off, self.width, rows), masked=self.masked)
+
+
+class RasterioSink:
+    """``ProbabilitySink`` into band 1 of a rasterio dataset, with a per-dataset mask where nodata."""
+
+    def __init__(self, dataset: rasterio.io.DatasetWriter, with_mask: bool) -> None:
+        self.dataset, self.with_mask = dataset, with_mask
+
+    def write(self, row_off: int, probability: np.ndarray, valid: Optional[np.ndarray]) -> None:
+        window = Window(0, row_off, self.dataset.width, len(probability))
+        self.dataset.write(probability, 1, window=window)
+        if self.with_mask and valid is not None:
+            self.dataset.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+
+
+def _probability_profile(grid: dict) -> dict:
+    return {**GTIFF, "dtype": "uint8", "count": 1, **grid}
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.partial{path.suffix}")  # GDAL drivers like their own suffix
+
+
+def predict_file(
+    model: OnnxSegmenter,
+    raster: Path,
+    out_path: Path,
+    bands: Optional[list[int]] = None,
+    batch: int = 4,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
+) -> bool:
+    """Write the road probability GeoTIFF of ``raster`` (uint8 0-255, the raster's grid); False if cancelled.
+
+    Nodata (in every chosen band) becomes the output's per-dataset mask: every value 0-255 stays a
+    probability, and QGIS shows masked pixels as transparent.
+    """
+    bands = bands or list(range(1, model.info.bands + 1))
+    partial = _partial(out_path)
+    with _open(raster) as src, rasterio.Env(**GDAL_OPTIONS):
+        _check_bands(src, raster, bands, model.info.bands)
+        model_grid = _model_grid(src, model.info.resolution_cm)
+        try:
+            if model_grid is None:
+                with rasterio.open(partial, "w", **_probability_profile(_grid(src))) as dst:
+                    sink = RasterioSink(dst, _has_nodata(src, bands))
+                    source = RasterioSource(src, bands)
+                    finished = model.predict_raster(source, sink, batch, progress, cancelled)
+            else:
+                finished = _predict_resampled(model, src, bands, model_grid, partial, batch, progress,
+                                              cancelled)
+            if finished:
+                os.replace(partial, out_path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return finished
+
+
+def _predict_resampled(
+    model: OnnxSegmenter,
+    src: rasterio.DatasetReader,
+    bands: list[int],
+    grid: dict,
+    partial: Path,
+    batch: int,
+    progress: Optional[Callable[[int, int], None]],
+    cancelled: Optional[Callable[[], bool]],
+) -> bool:
+    """Predict on the model's grid into a scratch file beside the output, then warp it onto ``src``'s grid."""
+    with tempfile.TemporaryDirectory(dir=partial.parent, prefix=".road-sslkd-") as scratch:
+        model_grid = Path(scratch) / "model_grid.tif"
+        with WarpedVRT(src, resampling=Resampling.bilinear, **grid) as vrt:
+            with rasterio.open(model_grid, "w", **_probability_profile(grid)) as dst:
+                source, sink = RasterioSource(vrt, bands), RasterioSink(dst, False)
+                if not model.predict_raster(source, sink, batch, progress, cancelled):
+                    return False
+        masked = _has_nodata(src, bands)
+        with rasterio.open(model_grid) as predicted, rasterio.open(
+            partial, "w", **_probability_profile(_grid(src))
+        ) as dst, WarpedVRT(predicted, resampling=Resampling.bilinear, **_grid(src)) as back:
+            sink = RasterioSink(dst, masked)
+            for row in range(0, src.height, STRIP_ROWS):
+                window = Window(0, row, src.width, min(STRIP_ROWS, src.height - row))
+                probability = back.read(1, window=window)
+                valid = src.read_masks(bands, window=window).any(axis=0) if masked else None
+                if valid is not None:
+                    probability[~valid] = 0
+                sink.write(row, probability, valid)
+    return True
+
+
+def _check_bands(src: rasterio.DatasetReader, raster: Path, bands: list[int], needed: int) -> None:
+    if max(bands) > src.count:
+        raise UserError(
+            f"{raster} has {src.count} band(s); the model reads bands {','.join(map(str, bands))}",
+            hint=f"choose {needed} of its bands with --bands, or a raster with {max(bands)} or more bands",
+        )
+
+
+# Centrelines ------------------------------------------------------------------------------------------------
+
+_SIDES = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_CORNERS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+def _links(pixel: tuple[int, int], pixels: set) -> list[tuple[int, int]]:
+    """Skeleton neighbours; a diagonal counts only where no side-neighbour already joins the two pixels,
+    so staircases do not form triangles that would look like junctions."""
+    r, c = pixel
+    out = [(r + dr, c + dc) for dr, dc in _SIDES if (r + dr, c + dc) in pixels]
+    out += [(r + dr, c + dc) for dr, dc in _CORNERS
+            if (r + dr, c + dc) in pixels and (r + dr, c) not in pixels and (r, c + dc) not in pixels]
+    return out
+
+
+def skeleton_paths(skeleton: np.ndarray, min_spur: float) -> list[np.ndarray]:
+    """Pixel paths (k, 2) of (row, col) between ends and junctions of a 1-px skeleton, loops included.
+
+    Paths with a free end shorter than ``min_spur`` pixels are dropped: spurs off a road, and specks.
+    """
+    pixels = set(zip(*map(np.ndarray.tolist, np.nonzero(skeleton))))
+    links = {p: _links(p, pixels) for p in pixels}
+    nodes = {p for p, near in links.items() if len(near) != 2}
+    walked: set[frozenset] = set()
+
+    def walk(start: tuple[int, int], step: tuple[int, int]) -> list[tuple[int, int]]:
+        path = [start, step]
+        walked.add(frozenset((start, step)))
+        while path[-1] not in nodes:
+            onward = [q for q in links[path[-1]] if frozenset((path[-1], q)) not in walked]
+            if not onward:  # back at the start of a loop
+                break
+            walked.add(frozenset((path[-1], onward[0])))
+            path.append(onward[0])
+        return path
+
+    # Junctions and ends first, so a loop walk only ever starts on a pure loop.
+    paths = [walk(p, q) for p in (*nodes, *(pixels - nodes)) for q in links[p]
+             if frozenset((p, q)) not in walked]
+    kept = []
+    for path in map(np.array, paths):
+        length = np.hypot(*np.diff(path, axis=0).T).sum()
+        free_end = len(links[tuple(path[0])]) == 1 or len(links[tuple(path[-1])]) == 1
+        if length >= min_spur or not free_end:
+            kept.append(path)
+    return kept
+
+
+def centrelines(
+    probability: rasterio.DatasetReader, threshold: float, spur_m: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Road centrelines (shapely LineStrings in map coordinates) and their lengths in metres.
+
+    Works in strips with context rows above and below, so memory stays flat; pieces are clipped to each
+    strip's own rows and merged across strips. Without CRS, coordinates and lengths are in pixel space.
+    """
+    ground = ground_resolution_m(probability)
+    size = ground or (abs(probability.transform.a), abs(probability.transform.e))
+    spur_px = spur_m / min(ground) if ground else SPUR_PX_WITHOUT_CRS
+    # Context longer than a spur: a path cut at the strip edge that reaches the core is never taken for one.
+    context = int(max(64, 2 * spur_px))
+    height, width = probability.height, probability.width
+    pieces = []
+    for row in range(0, height, STRIP_ROWS):
+        top, bottom = max(0, row - context), min(height, row + STRIP_ROWS + context)
+        window = Window(0, top, width, bottom - top)
+        mask = (probability.read(1, window=window) >= threshold * 255) & (
+            probability.read_masks(1, window=window) > 0)
+        paths = skeleton_paths(skeletonize(mask), spur_px)
+        if not paths:
+            continue
+        lines = [shapely.LineString(path[:, ::-1] + (0, top)) for path in paths]  # (x, y) = (col, row)
+        # Pixel centres sit on integers here: cut half-way between this strip's rows and the next's. Steps join
+        # neighbouring pixels, so both strips compute the same cut point exactly and the pieces merge.
+        core = shapely.get_parts(shapely.clip_by_rect(lines, -1, row - 0.5, width, row + STRIP_ROWS - 0.5))
+        pieces.extend(core[~shapely.is_empty(core)])
+    if not pieces:
+        return np.array([], dtype=object), np.zeros(0)
+    lines = shapely.get_parts(shapely.line_merge(shapely.multilinestrings(pieces)))
+    lengths = np.array([np.hypot(*(np.diff(shapely.get_coordinates(line), axis=0) * size).T).sum()
+                        for line in lines])
+    a, b, c, d, e, f = probability.transform[:6]
+
+    def to_map(xy: np.ndarray) -> np.ndarray:
+        col, row = xy[:, 0] + 0.5, xy[:, 1] + 0.5
+        return np.column_stack((a * col + b * row + c, d * col + e * row + f))
+
+    return shapely.transform(lines, to_map), lengths
+
+
+def write_centrelines(probability: Path, out_path: Path, threshold: float, spur_m: float) -> int:
+    """Vectorise a probability GeoTIFF into a GeoPackage line layer ``centrelines`` with ``length_m``."""
+    partial = _partial(out_path)
+    try:
+        with _open(probability) as src, rasterio.Env(**GDAL_OPTIONS):
+            lines, lengths = centrelines(src, threshold, spur_m)
+            crs = src.crs.to_wkt() if src.crs else None
+        if crs is None:
+            events.warning(f"{probability} has no CRS: centreline coordinates and length_m are in pixels")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "'crs' was not provided")  # said once above, in our words
+            pyogrio.raw.write(partial, geometry=shapely.to_wkb(lines), field_data=[lengths],
+                              fields=["length_m"], layer="centrelines", driver="GPKG",
+                              geometry_type="LineString", crs=crs)
+        os.replace(partial, out_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return len(lines)
+
+
+# Command line -----------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="road probability GeoTIFFs (and centrelines) for rasters with an ONNX model",
+        description="Predict road probability (uint8 0-255 GeoTIFF on each raster's grid) with an ONNX "
+        "model; tile size, overlap, normalisation and resolution come from the model's metadata.",
+    )
+    p.add_argument("model", type=Path, help="ONNX road model (ours or a Deepness segmentation model)")
+    p.add_argument("rasters", type=Path, nargs="+", metavar="RASTER")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--vector", action="store_true", help="also write road centrelines as a GeoPackage")
+    p.add_argument("--threshold", type=float, help="road probability threshold for --vector (default: the "
+                   "model's seg_thresh)")
+    p.add_argument("--spur-length", type=float, default=10.0, help="prune centreline spurs shorter than this "
+                   "(metres; 20 px for rasters without CRS)")
+    p.add_argument("--bands", help="1-based raster bands to feed the model, e.g. 1,2,3 (default: the first "
+                   "N the model takes)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="tiles per inference call")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for onnxruntime (default: all cores)")
+    p.add_argument("--provider", choices=PROVIDERS, default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_run)
+
+
+def _parse_bands(text: Optional[str], needed: int) -> list[int]:
+    if text is None:
+        return list(range(1, needed + 1))
+    try:
+        bands = [int(b) for b in text.split(",")]
+    except ValueError:
+        bands = []
+    if len(bands) != needed or min(bands) < 1:
+        raise UserError(f"--bands {text}: the model needs {needed} band numbers (1-based)",
+                        hint=f"e.g. --bands {','.join(map(str, range(1, needed + 1)))}")
+    return bands
+
+
+def _plan(args: argparse.Namespace, bands: list[int], needed: int) -> list[tuple[Path, Path, Optional[Path]]]:
+    """Check every raster and output before any work, so a bad last raster does not cost an hour."""
+    jobs, owners = [], {}
+    for raster in args.rasters:
+        with _open(raster) as src:
+            _check_bands(src, raster, bands, needed)
+        probability = args.out / f"{raster.stem}{PROBABILITY_SUFFIX}"
+        vector = args.out / f"{raster.stem}{CENTRELINES_SUFFIX}" if args.vector else None
+        if probability in owners:
+            raise UserError(f"{raster} and {owners[probability]} would both write {probability}",
+                            hint="rename one of them, or predict them into different --out folders")
+        owners[probability] = raster
+        existing = [p for p in (probability, vector) if p is not None and p.exists()]
+        if existing and not args.overwrite:
+            raise UserError(f"{existing[0]} already exists",
+                            hint="pass --overwrite to replace it, or choose another --out")
+        jobs.append((raster, probability, vector))
+    return jobs
+
+
+def _run(args: argparse.Namespace) -> None:
+    model = load_model(args.model, args.provider, args.threads)
+    for message in model.warnings:
+        events.warning(message)
+    events.log.info("model %s on %s: %s", args.model, model.provider, model.info)
+    threshold = model.info.threshold if args.threshold is None else args.threshold
+    if not 0 < threshold < 1:
+        raise UserError(f"--threshold {threshold} is outside (0, 1)", hint="e.g. --threshold 0.5")
+    bands = _parse_bands(args.bands, model.info.bands)
+    jobs = _plan(args, bands, model.info.bands)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stop: list[bool] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    start, outputs = time.monotonic(), []
+    try:
+        for index, (raster, probability, vector) in enumerate(jobs, 1):
+            begun = time.monotonic()
+
+            def progress(
+                done: int, total: int, raster: Path = raster, begun: float = begun, index: int = index
+            ) -> None:
+                eta = (time.monotonic() - begun) / done * (total - done)
+                events.progress("predict", done, total, eta, raster=str(raster), raster_index=index,
+                                rasters=len(jobs))
+
+            if not predict_file(model, raster, probability, bands, args.batch, progress, lambda: bool(stop)):
+                raise events.Cancelled(f"prediction cancelled during {raster}; no partial output was kept",
+                                       "run the command again")
+            events.artifact("probability", str(probability))
+            output = {"raster": str(raster), "probability": str(probability)}
+            if vector is not None:
+                count = write_centrelines(probability, vector, threshold, args.spur_length)
+                events.artifact("centrelines", str(vector))
+                output.update(centrelines=str(vector), lines=count)
+            outputs.append(output)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    events.emit("done", outputs=outputs, seconds=round(time.monotonic() - start, 1), provider=model.provider)

@@ -1,0 +1,201 @@
+"""`road-sslkd predict`: GeoTIFF grids, resampling, nodata, centrelines, bad input (real rasterio + ORT)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+from rasterio.transform import Affine, from_origin
+
+from road_sslkd import predict
+from road_sslkd.events import UserError
+from road_sslkd.onnx_runtime import load_model
+from test_engine import OURS, band_net, tiny_net, write_model
+
+# ../shared beside the repository (never copied into it)
+FIXTURE = (Path(__file__).resolve().parents[3] / "shared" / "data" / "geotiff_io_fixtures"
+           / "spacenet_vegas_RGB-PanSharpen_img0_apls.tif")
+# band_net with these keys predicts band 1 / 255: the output GeoTIFF is band 1 wherever nothing is resampled.
+IDENTITY = {"tile_size": 64, "tiles_overlap": 25, "standardization_mean": 0.0, "standardization_std": 1.0,
+            "seg_thresh": 0.5, "road_sslkd_output": "probabilities"}
+
+
+def write_raster(path: Path, data: np.ndarray, res: float | None = 0.5, crs="EPSG:32633", nodata=None):
+    transform = from_origin(500_000, 4_000_000, res, res) if res else Affine.identity()
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=len(data),
+                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata) as dst:
+        dst.write(data)
+    return path
+
+
+def identity_model(tmp_path: Path, resolution_cm: float | None = 50.0, bands: int = 3):
+    meta = {**IDENTITY, **({"resolution": resolution_cm} if resolution_cm else {})}
+    name = f"identity_{resolution_cm}_{bands}.onnx"
+    return load_model(write_model(tmp_path / name, band_net(bands), meta, bands=bands), "cpu", 1)
+
+
+def run_cli(*argv) -> None:
+    """Run the sub-command through its own parser (the full CLI imports every other command)."""
+    parser = argparse.ArgumentParser()
+    predict.register(parser.add_subparsers())
+    args = parser.parse_args(["predict", *map(str, argv)])
+    args.func(args)
+
+
+def events_of(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason=f"real GeoTIFF fixture absent: {FIXTURE}")
+def test_fixture_grid_round_trip(tmp_path, capsys):
+    model = write_model(tmp_path / "m.onnx", tiny_net(), {**OURS, "tile_size": 256, "resolution": None})
+    run_cli(model, FIXTURE, "--out", tmp_path / "out", "--threads", 1)
+    out = tmp_path / "out" / f"{FIXTURE.stem}{predict.PROBABILITY_SUFFIX}"
+    with rasterio.open(FIXTURE) as src, rasterio.open(out) as dst:
+        assert (dst.crs, dst.transform, dst.shape) == (src.crs, src.transform, src.shape)
+        assert np.allclose(predict.ground_resolution_m(src), (0.242, 0.301), atol=0.002)  # EPSG:4326 at 36 N
+        assert dst.count == 1 and dst.dtypes[0] == "uint8" and dst.compression.name == "deflate"
+        assert dst.block_shapes[0] == (256, 256)
+    kinds = [(e["event"], e.get("kind")) for e in events_of(capsys)]
+    assert ("artifact", "probability") in kinds and kinds[-1][0] == "done"
+    assert ("progress", None) in kinds and not list((tmp_path / "out").glob(".*"))
+
+
+def test_same_resolution_is_not_resampled(tmp_path):
+    checker = (np.indices((96, 128)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    raster = write_raster(tmp_path / "r.tif", np.stack([checker] * 3), res=0.5)
+    out = tmp_path / "p.tif"
+    assert predict.predict_file(identity_model(tmp_path, 51.0), raster, out)
+    with rasterio.open(out) as dst:
+        np.testing.assert_array_equal(dst.read(1), checker)
+
+
+def test_other_resolution_is_resampled_and_brought_back(tmp_path):
+    checker = (np.indices((96, 128)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    raster = write_raster(tmp_path / "r.tif", np.stack([checker] * 3), res=0.5)
+    out = tmp_path / "p.tif"
+    assert predict.predict_file(identity_model(tmp_path, 100.0), raster, out)
+    with rasterio.open(raster) as src, rasterio.open(out) as dst:
+        assert (dst.crs, dst.transform, dst.shape) == (src.crs, src.transform, src.shape)
+        inner = dst.read(1)[4:-4, 4:-4].astype(float)
+    # At 1 m a 0.5 m checkerboard is uniform grey: the model saw the raster at its own resolution.
+    assert abs(inner.mean() - 127.5) < 4 and inner.std() < 8
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_nodata_becomes_the_output_mask(tmp_path):
+    data = np.full((3, 80, 90), 200, np.uint8)
+    data[:, 20:40, 30:60] = 0
+    raster = write_raster(tmp_path / "r.tif", data, nodata=0)
+    out = tmp_path / "p.tif"
+    predict.predict_file(identity_model(tmp_path), raster, out)
+    with rasterio.open(out) as dst:
+        mask, values = dst.dataset_mask(), dst.read(1)
+    assert (mask[20:40, 30:60] == 0).all() and mask.sum() == 255 * (80 * 90 - 20 * 30)
+    assert (values[20:40, 30:60] == 0).all() and (values[mask > 0] == 200).all()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_raster_without_crs_works_in_pixel_space(tmp_path, capsys):
+    data = np.zeros((3, 120, 100), np.uint8)
+    data[:, 55:65, :] = 255
+    raster = write_raster(tmp_path / "plain.tif", data, res=None, crs=None)
+    run_cli(write_model(tmp_path / "m.onnx", band_net(), IDENTITY), raster, "--out", tmp_path, "--vector")
+    with rasterio.open(tmp_path / f"plain{predict.PROBABILITY_SUFFIX}") as dst:
+        assert dst.crs is None and dst.transform == Affine.identity() and dst.shape == (120, 100)
+    crs, lines, lengths = read_lines(tmp_path / f"plain{predict.CENTRELINES_SUFFIX}")
+    assert crs is None and 80 < lengths.sum() < 101  # length_m: in pixels here
+    assert any("no CRS" in e.get("message", "") for e in events_of(capsys))
+
+
+def cross_raster(tmp_path: Path) -> Path:
+    """A 200 m x 200 m raster (1 m pixels) with a 9 m wide cross of roads and a 4 m stub on one arm."""
+    data = np.zeros((3, 200, 200), np.uint8)
+    data[:, 96:105, :] = 255
+    data[:, :, 96:105] = 255
+    data[:, 105:109, 150:153] = 255  # a stub off the east arm: its skeleton is a spur to prune
+    return write_raster(tmp_path / "cross.tif", data, res=1.0)
+
+
+def read_lines(path: Path):
+    meta, _, geometry, (lengths,) = pyogrio.raw.read(path)
+    return meta["crs"], shapely.from_wkb(geometry), lengths
+
+
+@pytest.mark.parametrize("strip_rows", [1024, 48])
+def test_cross_gives_four_arms_with_lengths(tmp_path, monkeypatch, strip_rows):
+    monkeypatch.setattr(predict, "STRIP_ROWS", strip_rows)
+    out = tmp_path / "p.tif"
+    predict.predict_file(identity_model(tmp_path, 100.0), cross_raster(tmp_path), out)
+    count = predict.write_centrelines(out, tmp_path / "c.gpkg", threshold=0.5, spur_m=10.0)
+    crs, lines, lengths = read_lines(tmp_path / "c.gpkg")
+    assert crs == "EPSG:32633" and count == len(lines) == 4  # four arms meeting at the junction
+    np.testing.assert_allclose(lengths, shapely.length(lines), rtol=1e-6)  # metric CRS: metres = map units
+    assert 370 < lengths.sum() < 410
+    x0, y0, x1, y1 = shapely.total_bounds(lines)
+    assert 500_000 <= x0 < x1 <= 500_200 and 3_999_800 <= y0 < y1 <= 4_000_000
+
+
+def test_skeleton_paths_prune_short_spurs_only():
+    skeleton = np.zeros((40, 40), bool)
+    skeleton[20, 2:39] = True  # a road
+    skeleton[21:25, 10] = True  # a 4 px spur
+    skeleton[21:35, 30] = True  # a 14 px side road
+    paths = predict.skeleton_paths(skeleton, min_spur=8)
+    assert sorted(len(p) for p in paths) == [9, 9, 15, 21]
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    model = write_model(tmp_path / "m.onnx", band_net(), IDENTITY)
+    raster = write_raster(tmp_path / "r.tif", np.zeros((3, 40, 40), np.uint8))
+    (tmp_path / "out").mkdir()
+    existing = tmp_path / "out" / f"r{predict.PROBABILITY_SUFFIX}"
+    existing.write_bytes(b"old")
+    with pytest.raises(UserError, match="already exists") as err:
+        run_cli(model, raster, "--out", tmp_path / "out")
+    assert "--overwrite" in err.value.hint and existing.read_bytes() == b"old"
+    run_cli(model, raster, "--out", tmp_path / "out", "--overwrite")
+    with rasterio.open(existing) as dst:
+        assert dst.shape == (40, 40)
+
+
+def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
+    model = write_model(tmp_path / "m.onnx", band_net(), IDENTITY)
+    gray = write_raster(tmp_path / "gray.tif", np.zeros((1, 40, 40), np.uint8))
+    with pytest.raises(UserError, match="gray.tif has 1 band") as err:
+        run_cli(model, gray, "--out", tmp_path / "out")
+    assert "--bands" in err.value.hint
+    text = tmp_path / "notes.tif"
+    text.write_text("not a raster")
+    with pytest.raises(UserError, match="cannot read raster .*notes.tif"):
+        run_cli(model, text, "--out", tmp_path / "out")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x00garbage" * 20)
+    with pytest.raises(UserError, match="corrupt.onnx"):
+        run_cli(corrupt, gray, "--out", tmp_path / "out")
+    with pytest.raises(UserError, match="--bands 1,2"):
+        run_cli(model, gray, "--out", tmp_path / "out", "--bands", "1,2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cancelled_prediction_leaves_nothing(tmp_path):
+    raster = write_raster(tmp_path / "r.tif", np.zeros((3, 200, 200), np.uint8))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for resolution in (50.0, 100.0):  # direct and resampled paths
+        model = identity_model(tmp_path, resolution)
+        assert not predict.predict_file(model, raster, out_dir / "p.tif", cancelled=lambda: True)
+        assert not list(out_dir.iterdir())
+
+
+def test_predict_command_loads_no_torch():
+    code = "import sys, road_sslkd.predict\nassert 'torch' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
