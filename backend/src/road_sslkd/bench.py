@@ -65,7 +65,8 @@ def machine() -> dict[str, object]:
             "torch": torch.__version__}
 
 
-def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str) -> dict[str, dict]:
+def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str) -> tuple[dict, RunDir]:
+    """Train and evaluate every model for every seed; returns the aggregated metrics and the first run."""
     spec = DatasetSpec.from_split(data)
     if not spec.test:
         raise events.UserError(f"{data}/split.json has no 'test' pairs", "the benchmark evaluates on the test split")
@@ -87,7 +88,46 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
         for name in models:
             onnx_path = export_run_model(first_run, name, Path(tmp) / f"{name}.onnx")
             models[name]["mpx_per_s"] = onnx_throughput(onnx_path, len(cfg.bands), size=cfg.tile)
-    return models
+    return models, first_run
+
+
+def figures(run: RunDir, names: list[str], out: Path, device_name: str, examples: int = 3) -> list[Path]:
+    """Training curves, precision-recall curves and test overlays of one run, as PNGs in ``out``."""
+    import rasterio
+
+    from .data import LabelledSet
+    from .evaluate import predict_raster, torch_infer
+    from .plots import PRAccumulator, plot_curves, plot_examples, plot_pr
+    from .trainer import pick_device
+
+    cfg, device = run.config, pick_device(device_name)
+    items = LabelledSet(run.dataset.test, cfg.bands, cfg.label_width).items
+    truths = [label.read(0, 0, r.height, r.width) for r, label in items]
+    pr, shown = {}, {}
+    for name in names:
+        events.progress("figures", names.index(name), len(names), model=name)
+        model = run.load_model(name).to(device).eval()
+        acc, probs = PRAccumulator(), []
+        for (raster, _), truth in zip(items, truths):
+            prob, valid = predict_raster(torch_infer(model, device), raster, run.normalizer, cfg.tile, cfg.overlap)
+            acc.update(prob, truth == 1, valid & (truth != 255))
+            if len(probs) < examples:
+                probs.append(prob)
+        pr[name] = acc
+        if name.startswith("student"):
+            shown[name] = probs
+    rgbs = []
+    for pair in run.dataset.test[:examples]:
+        with rasterio.open(pair.image) as ds:
+            rgbs.append(np.moveaxis(ds.read([1, 2, 3] if ds.count >= 3 else [1, 1, 1]), 0, -1))
+    curves = run.curves()
+    metric = "val_iou" if any("val_iou" in c for c in curves.values()) else "fit_iou"
+    return [
+        plot_curves(curves, metric, out / "curves.png"),
+        plot_pr(pr, out / "precision_recall.png"),
+        plot_examples(rgbs, [t[: r.shape[0], : r.shape[1]] == 1 for t, r in zip(truths, rgbs)], shown,
+                      out / "examples.png"),
+    ]
 
 
 def report_markdown(report: dict) -> str:
@@ -109,6 +149,7 @@ def report_markdown(report: dict) -> str:
         f"    {report['command']}",
         "",
     ]
+    lines += [f"![{name}]({name})" for name in report.get("figures", [])] + [""]
     if "student_sslkd" in m and "student_ssl" in m:
         gap = 100 * (m["student_sslkd"]["iou"] - m["student_ssl"]["iou"])
         lines += [f"SSLKD student minus the UniMatch-style semi-supervised student: {gap:+.1f} IoU points.", ""]
@@ -135,14 +176,15 @@ def _run(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     dataset = args.data.resolve().name
     work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
-    models = run_bench(args.data, cfg, seeds, work, args.device)
+    models, first_run = run_bench(args.data, cfg, seeds, work, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out, args.device)
     report = {
         "dataset": dataset, "preset": cfg.preset, "seeds": seeds,
         "command": " ".join(shlex.quote(a) for a in ["road-sslkd", *sys.argv[1:]]),
         "version": __version__, "date": datetime.date.today().isoformat(), "machine": machine(),
-        "config": cfg.to_json(), "models": models,
+        "config": cfg.to_json(), "models": models, "figures": [p.name for p in pictures],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     report_json.write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(report_markdown(report))
     events.artifact("report", args.out / "report.md")

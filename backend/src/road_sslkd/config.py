@@ -24,17 +24,17 @@ class Config:
     weights: str = "imagenet"  # "imagenet", "none" or a local state-dict file
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
     label_width: float = 6.0  # road width in map units when labels are vector lines
-    crop: int = 160
+    crop: int = 128
     batch: int = 8
     batch_unlabelled: int = 8
     # Optimisation steps per stage; "steps_scale" multiplies them all (the dock's "training length").
     steps: dict[str, int] = field(
-        default_factory=lambda: {"teacher": 200, "teachers_ssl": 150, "student": 250}
+        default_factory=lambda: {"teacher": 150, "teachers_ssl": 100, "student": 150}
     )
     steps_scale: float = 1.0
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup: int = 20
+    warmup: int = 15
     # Student losses: L = sup + w_feat * feat + w_prob * prob + w_unsup * pseudo.
     w_feat: float = 1.0
     w_prob: float = 1.0
@@ -44,7 +44,7 @@ class Config:
     tile: int = 256  # evaluation / inference tile
     overlap: int = 25  # percent of the tile
     holdout: int = 0  # labelled images held out for validation curves (0: curves on training images)
-    val_every: int = 100
+    val_every: int = 50
     log_every: int = 10
     checkpoint_every: int = 50
     seed: int = 0

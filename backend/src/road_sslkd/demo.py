@@ -18,8 +18,8 @@ from .runs import RunDir, install_stop_handlers
 
 # The cpu preset's networks with a budget that finishes in a few minutes on 2 cores.
 DEMO_SETTINGS = dict(
-    crop=128, batch=4, batch_unlabelled=4, steps={"teacher": 120, "teachers_ssl": 80, "student": 160},
-    val_every=40, log_every=10, checkpoint_every=40,
+    batch=4, batch_unlabelled=4, steps={"teacher": 60, "teachers_ssl": 40, "student": 100},
+    val_every=20, log_every=10, checkpoint_every=20,
 )
 
 

@@ -121,6 +121,18 @@ class RunDir:
         return model
 
     # -- metrics -------------------------------------------------------------------------------------------
+    def curves(self) -> dict:
+        """Training curves: {stage: {metric: [[step, value], ...]}}."""
+        path = self.path / "curves.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def add_curve_points(self, stage: str, step: int, values: dict[str, float]) -> None:
+        data = self.curves()
+        for name, value in values.items():
+            points = data.setdefault(stage, {}).setdefault(name, [])
+            points[:] = [p for p in points if p[0] < step] + [[step, float(value)]]  # resumed runs repeat steps
+        _atomic_write(self.path / "curves.json", lambda p: p.write_text(json.dumps(data)))
+
     def metrics(self) -> dict:
         path = self.path / "metrics.json"
         return json.loads(path.read_text()) if path.exists() else {"models": {}}

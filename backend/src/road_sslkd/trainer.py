@@ -159,8 +159,10 @@ def run_stage(stage: Stage, ctx: Context) -> None:
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             n = (done - 1) % cfg.log_every + 1
-            for key, value in running.items():
-                events.metric(key, value / n, stage=stage.name, step=done)
+            means = {key: value / n for key, value in running.items()}
+            for key, value in means.items():
+                events.metric(key, value, stage=stage.name, step=done)
+            run.add_curve_points(stage.name, done, means)
             running.clear()
             spent = time.monotonic() - t0
             events.progress(stage.name, done, total, eta=spent / (done - start) * (total - done))
@@ -168,6 +170,7 @@ def run_stage(stage: Stage, ctx: Context) -> None:
             model = next(iter(stage.outputs().values()))
             score = evaluate_model(model, ctx.val_items, ctx.normalizer, cfg.tile, cfg.overlap, ctx.device).iou
             events.metric(ctx.val_name, score, stage=stage.name, step=done)
+            run.add_curve_points(stage.name, done, {ctx.val_name: score})
         if done % cfg.checkpoint_every == 0 and done < total:
             checkpoint(done)
     seconds = elapsed + time.monotonic() - t0

@@ -1,0 +1,1 @@
+"""Logic without widgets: backend search and set-up, the subprocess protocol, layers, settings, results."""

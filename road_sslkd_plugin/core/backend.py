@@ -1,0 +1,316 @@
+"""Finding the backend interpreter, and "Set up backend": a venv in the profile folder with pip.
+
+Search order: the user's setting (``road_sslkd/backend/python``), the project's ``.venv-backend`` next to
+the plugin folder in a development checkout, then the venv the plugin manages in the user's profile
+folder (``<QGIS settings dir>/road_sslkd/venv``). A candidate counts once ``import road_sslkd`` works in
+it: the plugin never imports the backend (nor torch) itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from qgis.core import QgsApplication
+from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, pyqtSignal
+
+from . import settings
+from .protocol import clean_environment
+
+PLUGIN_DIR = Path(__file__).resolve().parent.parent
+WINDOWS = sys.platform.startswith("win")
+PROBE_CODE = "import road_sslkd, sys; sys.stdout.write(road_sslkd.__version__)"
+
+
+def venv_python(venv: Path) -> Path:
+    """The interpreter inside a venv folder."""
+    return venv / ("Scripts/python.exe" if WINDOWS else "bin/python")
+
+
+def managed_venv_dir() -> Path:
+    """The venv "Set up backend" creates: in the user's QGIS profile, so it survives plugin updates."""
+    return Path(QgsApplication.qgisSettingsDirPath()) / "road_sslkd" / "venv"
+
+
+def checkout_venv_dir(plugin_dir: Path = PLUGIN_DIR) -> Path:
+    """``.venv-backend`` of a development checkout (the plugin folder's parent is the repository)."""
+    return plugin_dir.parent / ".venv-backend"
+
+
+def backend_source_dir(plugin_dir: Path = PLUGIN_DIR) -> Optional[Path]:
+    """The folder holding backend/pyproject.toml: bundled in the plugin zip, else the checkout's."""
+    for candidate in (plugin_dir / "backend", plugin_dir.parent / "backend"):
+        if (candidate / "pyproject.toml").is_file():
+            return candidate
+    return None
+
+
+def plugin_version(plugin_dir: Path = PLUGIN_DIR) -> str:
+    """``version=`` of metadata.txt (inside the zip, or at the checkout's root)."""
+    for candidate in (plugin_dir / "metadata.txt", plugin_dir.parent / "metadata.txt"):
+        try:
+            for line in candidate.read_text(encoding="utf-8").splitlines():
+                if line.strip().startswith("version="):
+                    return line.split("=", 1)[1].strip()
+        except OSError:
+            continue
+    return ""
+
+
+def backend_command(python: str) -> list[str]:
+    """How to run ``road-sslkd`` with this interpreter: its console script, else ``python -m``."""
+    script = Path(python).parent / ("road-sslkd.exe" if WINDOWS else "road-sslkd")
+    if script.is_file():
+        return [str(script)]
+    return [python, "-m", "road_sslkd.cli"]
+
+
+def hidden_window_flags() -> int:
+    """No console window flashing up on Windows for background processes."""
+    return getattr(subprocess, "CREATE_NO_WINDOW", 0) if WINDOWS else 0
+
+
+@dataclass
+class Candidate:
+    python: str
+    source: str  # "setting", "checkout", "profile"
+
+
+@dataclass
+class BackendStatus:
+    """Result of the search: ``python`` and ``version`` when found; ``notes`` say what was tried."""
+
+    python: Optional[str] = None
+    source: str = ""
+    version: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return self.python is not None
+
+    def command(self) -> list[str]:
+        if self.python is None:
+            raise RuntimeError("no backend found")
+        return backend_command(self.python)
+
+
+SOURCE_NAMES = {
+    "setting": "interpreter from settings",
+    "checkout": ".venv-backend",
+    "profile": "managed venv",
+}
+
+
+class BackendLocator:
+    """Searches the three places in order; tests point ``plugin_dir`` and ``profile_venv`` elsewhere."""
+
+    def __init__(
+        self,
+        plugin_dir: Path = PLUGIN_DIR,
+        profile_venv: Optional[Path] = None,
+        use_setting: bool = True,
+    ) -> None:
+        self.plugin_dir = Path(plugin_dir)
+        self.profile_venv = Path(profile_venv) if profile_venv else managed_venv_dir()
+        self.use_setting = use_setting
+
+    def candidates(self) -> list[Candidate]:
+        found = []
+        configured = str(settings.user_value(settings.BACKEND_PYTHON_KEY, "") or "") if self.use_setting else ""
+        if configured:
+            found.append(Candidate(configured, "setting"))
+        found.append(Candidate(str(venv_python(checkout_venv_dir(self.plugin_dir))), "checkout"))
+        found.append(Candidate(str(venv_python(self.profile_venv)), "profile"))
+        return found
+
+    def find(self) -> BackendStatus:
+        status = BackendStatus()
+        for candidate in self.candidates():
+            if candidate.source != "setting" and not Path(candidate.python).is_file():
+                continue  # absent default places are normal, not worth a note
+            version, problem = probe(candidate.python)
+            if problem:
+                status.notes.append(f"{SOURCE_NAMES[candidate.source]} ({candidate.python}): {problem}")
+                continue
+            status.python, status.source, status.version = candidate.python, candidate.source, version
+            return status
+        return status
+
+
+def probe(python: str, timeout: float = 60.0) -> tuple[str, str]:
+    """(backend version, "") when ``import road_sslkd`` works with ``python``, else ("", problem)."""
+    if not Path(python).is_file():
+        return "", "no such file"
+    try:
+        result = subprocess.run(
+            [python, "-c", PROBE_CODE],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=clean_environment(os.environ),
+            creationflags=hidden_window_flags(),
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return "", str(exc)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["import road_sslkd failed"])[-1]
+        return "", last
+    return result.stdout.strip(), ""
+
+
+def base_python_candidates() -> list[str]:
+    """Interpreters that can create the managed venv: the setting, QGIS's own Python, then PATH."""
+    names = []
+    configured = str(settings.user_value(settings.BASE_PYTHON_KEY, "") or "")
+    if configured:
+        names.append(configured)
+    # Inside QGIS sys.executable is often the qgis binary itself, so look next to the prefix as well.
+    names += [
+        sys.executable,
+        getattr(sys, "_base_executable", ""),
+        os.path.join(sys.exec_prefix, "python.exe" if WINDOWS else "bin/python3"),
+        os.path.join(sys.base_exec_prefix, "python.exe" if WINDOWS else "bin/python3"),
+        shutil.which("python3") or "",
+        shutil.which("python") or "",
+    ]
+    seen, usable = set(), []
+    for name in names:
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        if Path(name).is_file() and Path(name).name.lower().startswith("python"):
+            usable.append(name)
+    return usable
+
+
+def has_nvidia_gpu() -> bool:
+    """A hint for the CUDA flavour of onnxruntime: nvidia-smi is on PATH."""
+    return shutil.which("nvidia-smi") is not None
+
+
+class BackendInstaller(QObject):
+    """Creates the managed venv and pip-installs the backend into it, one QProcess step after another.
+
+    Signals: ``step(text)`` for the progress label, ``log(line)`` for every output line,
+    ``finished(ok, message)`` at the end; on failure the message holds the tail of pip's output.
+    """
+
+    step = pyqtSignal(str)
+    log = pyqtSignal(str)
+    finished = pyqtSignal(bool, str)
+
+    def __init__(
+        self,
+        venv_dir: Path,
+        source_dir: Path,
+        base_python: str,
+        gpu: bool = False,
+        pip_args: Optional[list[str]] = None,
+        parent: Optional[QObject] = None,
+    ) -> None:
+        super().__init__(parent)
+        self.venv_dir = Path(venv_dir)
+        self.source_dir = Path(source_dir)
+        self.base_python = base_python
+        self.extra = "gpu" if gpu else "cpu"
+        self.pip_args = list(pip_args or [])
+        self.tail: deque[str] = deque(maxlen=40)
+        self.process: Optional[QProcess] = None
+        self._steps: list[tuple[str, str, list[str]]] = []
+        self._buffer = b""
+
+    def plan(self) -> list[tuple[str, str, list[str]]]:
+        """(label, program, arguments) of each step; ``python -m venv`` is skipped for an existing venv."""
+        python = str(venv_python(self.venv_dir))
+        steps = []
+        if not Path(python).is_file():
+            steps.append(("Creating the virtual environment", self.base_python, ["-m", "venv", str(self.venv_dir)]))
+        steps.append(
+            (
+                "Installing the backend with pip (PyTorch is large: this can take a while)",
+                python,
+                [
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--progress-bar",
+                    "off",
+                    *self.pip_args,
+                    f"{self.source_dir}[{self.extra}]",
+                ],
+            )
+        )
+        return steps
+
+    def start(self) -> None:
+        self._steps = self.plan()
+        self._next()
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.state() != QProcess.ProcessState.NotRunning
+
+    def cancel(self) -> None:
+        self._steps = []
+        if self.is_running():
+            self.process.kill()
+
+    def _next(self) -> None:
+        if not self._steps:
+            version, problem = probe(str(venv_python(self.venv_dir)))
+            if problem:
+                self.finished.emit(False, f"The backend was installed but does not import: {problem}")
+            else:
+                self.finished.emit(True, f"Backend {version} installed in {self.venv_dir}")
+            return
+        label, program, args = self._steps.pop(0)
+        self.step.emit(label)
+        self.log.emit("$ " + " ".join([program, *args]))
+        self.tail.clear()
+        process = QProcess(self)
+        environment = QProcessEnvironment()
+        for key, value in clean_environment(os.environ).items():
+            environment.insert(key, value)
+        process.setProcessEnvironment(environment)
+        process.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
+        process.readyReadStandardOutput.connect(self._read)
+        process.finished.connect(self._step_finished)
+        process.errorOccurred.connect(self._error)
+        self.process = process
+        process.start(program, args)
+
+    def _read(self) -> None:
+        self._buffer += bytes(self.process.readAllStandardOutput())
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not line:
+                continue
+            self.tail.append(line)
+            self.log.emit(line)
+            if line.startswith(("Collecting ", "Installing collected packages", "Building wheel")):
+                self.step.emit(line[:90])
+
+    def _error(self, error: QProcess.ProcessError) -> None:
+        if error == QProcess.ProcessError.FailedToStart:
+            self._steps = []
+            self.finished.emit(False, f"Could not start {self.process.program()}: {self.process.errorString()}")
+
+    def _step_finished(self, exit_code: int, exit_status: QProcess.ExitStatus) -> None:
+        self._read()
+        if exit_status != QProcess.ExitStatus.NormalExit or exit_code != 0:
+            if not self._steps and self.process.error() == QProcess.ProcessError.FailedToStart:
+                return  # already reported by _error
+            output = "\n".join(self.tail)
+            self._steps = []
+            self.finished.emit(False, f"{Path(self.process.program()).name} failed (exit code {exit_code}):\n{output}")
+            return
+        self._next()

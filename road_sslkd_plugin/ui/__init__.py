@@ -1,0 +1,1 @@
+"""Widgets of the plugin: the dock panel and its parts."""

@@ -1,0 +1,265 @@
+"""The dock panel with real layers, settings, backend states and real subprocesses."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.PyQt.QtCore import Qt
+from test_layers import XYZ, line_layer, write_raster
+
+from conftest import REPO, needs_backend, wait_until
+from road_sslkd_plugin.core import settings
+from road_sslkd_plugin.core.backend import BackendLocator
+from road_sslkd_plugin.core.layers import Pair
+from road_sslkd_plugin.ui.dock import RoadSSLKDDock
+
+
+@pytest.fixture
+def layers(tmp_path, project):
+    made = {
+        "scene A": QgsRasterLayer(write_raster(tmp_path / "a.tif"), "scene A", "gdal"),
+        "scene B": QgsRasterLayer(write_raster(tmp_path / "b.tif", x0=500100.0), "scene B", "gdal"),
+        "mask A": QgsRasterLayer(write_raster(tmp_path / "ma.tif", bands=1), "mask A", "gdal"),
+        "roads A": line_layer("roads A"),
+        "trees": QgsVectorLayer("Point?crs=EPSG:32633", "trees", "memory"),
+        "OpenStreetMap": QgsRasterLayer(XYZ, "OpenStreetMap", "wms"),
+    }
+    project.addMapLayers(list(made.values()))
+    return made
+
+
+@pytest.fixture
+def make_dock(qgis_iface):
+    docks = []
+
+    def make(locator=None):
+        dock = RoadSSLKDDock(qgis_iface, locator=locator)
+        docks.append(dock)
+        return dock
+
+    yield make
+    for dock in docks:
+        dock.shutdown()
+        dock.deleteLater()
+
+
+def missing_backend(tmp_path):
+    """A locator whose three places are all empty: no setting, no checkout venv, no managed venv."""
+    return BackendLocator(plugin_dir=tmp_path / "plugin" / "road_sslkd_plugin", profile_venv=tmp_path / "venv")
+
+
+def combo_names(combo):
+    return [combo.itemText(i) for i in range(combo.count()) if combo.itemText(i)]
+
+
+def test_dock_lists_the_projects_layers(layers, make_dock, tmp_path):
+    dock = make_dock(missing_backend(tmp_path))
+    row = dock.labelled.rows[0]
+    assert combo_names(row.image) == ["OpenStreetMap", "mask A", "scene A", "scene B"]
+    assert combo_names(row.label) == ["OpenStreetMap", "mask A", "roads A", "scene A", "scene B"]  # no points
+    assert row.image.currentLayer() is None and row.label.currentLayer() is None
+
+    checklist = dock.unlabelled
+    texts = [checklist.item(i).text() for i in range(checklist.count())]
+    assert texts == ["scene A", "scene B", "mask A", "OpenStreetMap  ·  web, exported"]
+    assert "visible map extent" in checklist.item(3).toolTip()
+
+    row.image.setLayer(layers["scene A"])
+    row.label.setLayer(layers["roads A"])
+    assert combo_names(row.label) == ["OpenStreetMap", "mask A", "roads A", "scene B"]  # not its own image
+    texts = [checklist.item(i).text() for i in range(checklist.count())]
+    assert texts[-1] == "scene A  ·  image of a labelled pair"  # shown last, not offered
+    assert not checklist.item(checklist.count() - 1).flags() & Qt.ItemFlag.ItemIsUserCheckable
+    assert dock.label_width.isEnabled() and dock.label_width.suffix() == " m"
+
+    # a layer added later shows up at once
+    extra = QgsRasterLayer(write_raster(tmp_path / "c.tif"), "scene C", "gdal")
+    QgsProject.instance().addMapLayer(extra)
+    assert "scene C" in [checklist.item(i).text() for i in range(checklist.count())]
+    assert "scene C" in combo_names(row.image)
+
+
+def test_settings_are_remembered_per_project_and_per_user(layers, make_dock, tmp_path):
+    dock = make_dock(missing_backend(tmp_path))
+    dock.labelled.set_pairs([Pair(layers["scene A"], layers["mask A"])])
+    dock.unlabelled.set_all(False)
+    dock.unlabelled.findItems("scene B", Qt.MatchFlag.MatchExactly)[0].setCheckState(Qt.CheckState.Checked)
+    dock.preset.setCurrentIndex(dock.preset.findData("cpu"))
+    dock.steps_scale.setValue(0.5)
+    dock.output_folder.setFilePath(str(tmp_path / "runs"))
+    dock.baselines.setChecked(True)
+    dock.save_settings()
+    project_file = str(tmp_path / "project.qgz")
+    assert QgsProject.instance().write(project_file)
+
+    QgsProject.instance().clear()
+    assert dock.preset.currentData() == "cpu"  # a new project starts from the user's defaults
+    assert dock.labelled.pairs()[0].image is None
+
+    assert QgsProject.instance().read(project_file)
+    restored = make_dock(missing_backend(tmp_path))
+    for view in (dock, restored):
+        pair = view.labelled.pairs()[0]
+        assert pair.image.name() == "scene A" and pair.label.name() == "mask A"
+        assert [layer.name() for layer in view.unlabelled.checked_layers()] == ["scene B"]
+        assert view.preset.currentData() == "cpu" and view.steps_scale.value() == 0.5
+        assert view.output_folder.filePath() == str(tmp_path / "runs") and view.baselines.isChecked()
+
+
+def test_missing_backend_offers_set_up(layers, make_dock, tmp_path):
+    settings.set_user_value(settings.BACKEND_PYTHON_KEY, str(tmp_path / "nowhere" / "python"))
+    dock = make_dock(missing_backend(tmp_path))
+    assert not dock.backend.found
+    assert dock.backend_banner.isVisibleTo(dock)
+    assert "No training backend found" in dock.backend_banner.text.text()
+    assert str(tmp_path / "nowhere" / "python") in dock.backend_banner.text.text()  # says what was tried
+    assert dock.setup_button.isVisibleTo(dock) and dock.setup_button.text() == "Set up backend"
+    assert dock.choose_button.isVisibleTo(dock)
+
+    dock.labelled.set_pairs([Pair(layers["scene A"], layers["mask A"])])
+    dock.output_folder.setFilePath(str(tmp_path / "runs"))
+    assert dock.start() is False
+    assert "No training backend" in dock.notice.text.text() and dock.notice.isVisibleTo(dock)
+    assert not dock.runner.is_running()
+
+
+@needs_backend
+def test_found_backend_reports_its_version(make_dock):
+    dock = make_dock(BackendLocator(plugin_dir=REPO / "road_sslkd_plugin", use_setting=False))
+    assert dock.backend.found and dock.backend.source == "checkout" and dock.backend.version
+    assert "ready" in dock.backend_banner.text.text()
+    assert not dock.setup_button.isVisibleTo(dock)
+
+
+@needs_backend
+def test_start_explains_what_is_missing_and_overwrites_nothing(layers, make_dock, tmp_path):
+    dock = make_dock(BackendLocator(plugin_dir=REPO / "road_sslkd_plugin", use_setting=False))
+    dock.output_folder.setFilePath(str(tmp_path / "runs"))
+    assert dock.start() is False
+    assert "Add at least one labelled pair" in dock.notice.text.text()
+
+    dock.labelled.set_pairs([Pair(layers["scene B"], layers["mask A"])])  # B lies east of mask A
+    dock.run_name.setText("mine")
+    existing = tmp_path / "runs" / "mine"
+    existing.mkdir(parents=True)
+    (existing / "notes.txt").write_text("keep me")
+    assert dock.start() is False
+    text = dock.notice.text.text()
+    assert "do not overlap" in text and "already holds files" in text
+    assert not dock.runner.is_running()
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+    assert (existing / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "runs" / "mine.inputs").exists()
+
+
+def run_process(dock, code, tmp_path):
+    """Run a real Python process through the dock's runner, as if it were the backend."""
+    dock.runner.start([sys.executable, "-c", code], [], str(tmp_path / "run"))
+    dock.runner.finished.connect(lambda outcome: setattr(dock, "_test_outcome", outcome))
+    assert wait_until(lambda: hasattr(dock, "_test_outcome"), 60)
+    return dock._test_outcome
+
+
+def test_backend_crash_shows_stderr_tail_and_exit_code(make_dock, tmp_path):
+    dock = make_dock(missing_backend(tmp_path))
+    code = (
+        "import sys, json\n"
+        "print(json.dumps({'event': 'progress', 'stage': 'teacher_a', 'step': 1, 'total': 4, 'eta': 3}))\n"
+        "sys.stderr.write('Traceback (most recent call last):\\nValueError: bad tile\\n')\n"
+        "print(json.dumps({'event': 'error', 'message': 'ValueError: bad tile', 'hint': 'a bug'}))\n"
+        "sys.exit(1)\n"
+    )
+    outcome = run_process(dock, code, tmp_path)
+    assert outcome.status == "crash" and outcome.exit_code == 1
+    text = dock.notice.text.text()
+    assert "ValueError: bad tile" in text and "exit code 1" in text and "Traceback" in text
+    assert "Traceback (most recent call last):" in dock.log.toPlainText()
+    assert dock.start_button.isEnabled() and not dock.resume_button.isVisibleTo(dock)
+
+
+def test_kill_by_the_system_reads_as_out_of_memory(make_dock, tmp_path):
+    dock = make_dock(missing_backend(tmp_path))
+    outcome = run_process(dock, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", tmp_path)
+    assert outcome.status == "killed"
+    assert "probably out of memory" in dock.notice.text.text()
+    assert "smaller preset" in dock.notice.text.text()
+
+
+@needs_backend
+def test_backend_user_error_is_shown_with_its_hint(make_dock, tmp_path):
+    dock = make_dock(BackendLocator(plugin_dir=REPO / "road_sslkd_plugin", use_setting=False))
+    missing = str(tmp_path / "missing.tif")
+    dock.runner.start(
+        dock.backend.command(),
+        ["train", "--out", str(tmp_path / "run"), "--preset", "tiny", "--labelled", f"{missing}:{missing}"],
+        str(tmp_path / "run"),
+    )
+    assert wait_until(lambda: dock.last_outcome is not None, 180)
+    assert dock.last_outcome.status == "user_error" and dock.last_outcome.exit_code == 2
+    assert dock.notice.isVisibleTo(dock) and dock.last_outcome.message in dock.notice.text.text()
+
+
+def test_set_up_backend_reports_pip_failures(make_dock, tmp_path):
+    broken = tmp_path / "broken_backend"
+    broken.mkdir()
+    (broken / "pyproject.toml").write_text("[project\nname = \n")  # not even TOML
+    dock = make_dock(missing_backend(tmp_path))
+    dock.start_backend_setup(tmp_path / "venv", broken, sys.executable)
+    assert dock.setup_progress.isVisibleTo(dock) and not dock.setup_button.isEnabled()
+    assert wait_until(lambda: dock.installer is None, 300)
+    text = dock.notice.text.text()
+    assert "Setting up the backend failed" in text and "exit code" in text
+    assert "TOMLDecodeError" in text and "TOMLDecodeError" in dock.log.toPlainText()  # pip's own words
+    assert (tmp_path / "venv").is_dir()  # the venv step ran; pip's step failed
+    assert dock.setup_button.isEnabled() and not dock.backend.found
+
+
+def test_results_of_a_run_folder(make_dock, tmp_path, qgis_iface):
+    run = tmp_path / "run-1"
+    run.mkdir()
+    metrics = {
+        "models": {
+            "teacher_a": {"iou": 0.61, "f1": 0.75, "params": 11_259_177},
+            "teacher_b_ssl": {"iou": 0.64, "f1": 0.78, "params": 11_249_921},
+            "student_sslkd": {"iou": 0.58, "f1": 0.73, "params": 2_238_473, "mpx_per_s": 12.5},
+        }
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "report.md").write_text("# Road SSLKD run\n\nGood roads.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    (run / "student.onnx").write_bytes(b"placeholder")
+    dock = make_dock(missing_backend(tmp_path))
+    dock.run_dir = str(run)
+    dock.load_results(str(run))
+    table = dock.results_table
+    assert table.rowCount() == 3
+    assert [table.item(r, 0).text() for r in range(3)] == ["Teacher A", "Teacher B + SSL", "Student SSLKD"]
+    assert table.item(2, 1).text() == "58.0" and table.item(2, 4).text() == "12.5"
+    assert "58.0 %" in dock.summary.text() and "fewer parameters" in dock.summary.text()
+    assert "Good roads" in dock.report.toPlainText() and "| a |" not in dock.report.toPlainText()
+
+    chosen = []
+    dock.model_selected.connect(chosen.append)
+    dock.use_button.click()
+    assert chosen == [str(run / "student.onnx")]
+    assert settings.selected_model() == str(run / "student.onnx")
+    assert settings.project_value(settings.MODEL_KEY) == str(run / "student.onnx")
+    assert dock.use_button.text() == "In use for segmentation"
+
+
+def test_chart_takes_metric_events(make_dock, tmp_path):
+    dock = make_dock(missing_backend(tmp_path))
+    for step, loss in enumerate([1.2, 0.9, 0.7], 1):
+        dock.on_event({"event": "metric", "name": "loss", "value": loss, "stage": "teacher_a", "step": step})
+    dock.on_event({"event": "metric", "name": "fit_iou", "value": 0.4, "stage": "teacher_a", "step": 3})
+    dock.on_event({"event": "metric", "name": "loss", "value": 2.0, "stage": "teacher_b", "step": 1})
+    dock.on_event({"event": "metric", "name": "test_iou", "value": 0.5, "stage": "teacher_a", "step": None})
+    chart = dock.chart
+    assert [x for x, _ in chart.series["loss"]] == [1, 2, 3, 5]  # teacher_b starts after teacher_a
+    assert [stage for _, stage in chart.stage_starts] == ["teacher_a", "teacher_b"]
+    assert "test_iou" not in chart.series and "Teacher A: test iou = 50.0 %" in dock.log.toPlainText()
+    dock.on_event({"event": "progress", "stage": "teacher_b", "step": 2, "total": 8, "eta": 75})
+    assert dock.progress.value() == 2 and dock.progress.maximum() == 8
+    assert dock.eta_label.text() == "1 min 15 s left" and dock.status_label.text() == "Teacher B · step 2 of 8"
+    assert Path(dock.grab().save(str(tmp_path / "dock.png")) and tmp_path / "dock.png").is_file()
