@@ -67,5 +67,8 @@ bench: setup
 	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \
 	  --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
 
+zip:
+	$(PYTHON) scripts/build_zip.py
+
 clean:
 	rm -rf $(STAMPS) $(BACKEND_VENV) $(QGIS_VENV) dist build
