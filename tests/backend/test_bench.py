@@ -1,0 +1,35 @@
+"""`road-sslkd bench` on the tiny preset: report.json has DESIGN.md's keys, figures exist, runs resume."""
+
+import json
+
+REQUIRED = {"iou", "iou_std", "f1", "precision", "recall", "relaxed_f1", "params", "gflops", "mpx_per_s",
+            "train_seconds"}
+MODELS = {"student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
+          "student_kd", "student_sslkd"}
+
+
+def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
+    out, work = tmp_path / "report", tmp_path / "work"
+    code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
+                            "--work", str(work), "--seeds", "0,1")
+    assert code == 0, events[-1]
+    report = json.loads((out / "report.json").read_text())
+    assert {"dataset", "preset", "seeds", "command", "models"} <= set(report)
+    assert report["seeds"] == [0, 1] and report["preset"] == "tiny"
+    assert set(report["models"]) == MODELS
+    for name, values in report["models"].items():
+        assert REQUIRED <= set(values), name
+        assert 0 <= values["iou"] <= 1 and values["iou_std"] >= 0
+    assert report["models"]["teacher_a"]["params"] > report["models"]["student_sslkd"]["params"]
+    for figure in report["figures"]:
+        assert (out / figure).stat().st_size > 10_000
+    assert "road-sslkd bench" in (out / "report.md").read_text()
+
+    # A second start refuses to replace the report, and with --overwrite reuses the finished runs.
+    code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
+                            "--work", str(work), "--seeds", "0,1")
+    assert code == 2 and "--overwrite" in events[-1]["hint"]
+    code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
+                            "--work", str(work), "--seeds", "0,1", "--overwrite")
+    assert code == 0
+    assert not [e for e in events if e["event"] == "progress" and e["stage"] == "teacher_a"]
