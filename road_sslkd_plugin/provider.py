@@ -1,7 +1,6 @@
-"""The plugin's Processing provider: registered and removed with the plugin.
+"""The plugin's Processing provider (id ``road_sslkd``): registered and removed with the plugin.
 
-Hook for the segmentation algorithms (next issue): add them to ``algorithms()``; the provider, its
-registration in ``RoadSSLKDPlugin.initProcessing`` and its removal on unload are already in place.
+Algorithms live in ``algorithms/``: ``road_sslkd:segment_roads``, ``road_sslkd:train``, ``road_sslkd:evaluate``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,9 @@ from .resources import icon_path
 
 def algorithms() -> list[QgsProcessingAlgorithm]:
     """New instances of every algorithm the provider offers."""
-    return []
+    from .algorithms import all_algorithms
+
+    return all_algorithms()
 
 
 class RoadSSLKDProvider(QgsProcessingProvider):

@@ -17,3 +17,7 @@ def resource_path(name: str) -> str:
 
 def icon_path() -> str:
     return resource_path("icon.svg")
+
+
+def segment_icon_path() -> str:
+    return resource_path("segment_extent.svg")

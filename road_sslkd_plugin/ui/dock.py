@@ -19,6 +19,7 @@ from qgis.PyQt.QtCore import QSize, Qt, QTimer, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QBrush, QColor, QDesktopServices, QFont, QFontDatabase, QTextCursor
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
+    QAction,
     QApplication,
     QCheckBox,
     QComboBox,
@@ -269,6 +270,15 @@ class RoadSSLKDDock(QgsDockWidget):
         self.setMinimumWidth(340)
         self._set_running(False)
 
+    def add_segment_action(self, action: QAction) -> None:
+        """The plugin's "Segment visible extent" action as a button next to "Use this model"."""
+        button = QToolButton(self)
+        button.setDefaultAction(action)
+        button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonIconOnly)
+        button.setObjectName("RoadSSLKDSegmentButton")
+        self.segment_button = button
+        self.result_buttons.insertWidget(1, button)
+
     def _build_data_tab(self) -> QWidget:
         page = QWidget()
         layout = QVBoxLayout(page)
@@ -481,7 +491,7 @@ class RoadSSLKDDock(QgsDockWidget):
         self.results_table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self._fit_table_height()
         layout.addWidget(self.results_table)
-        buttons = QHBoxLayout()
+        self.result_buttons = buttons = QHBoxLayout()
         self.use_button = QPushButton(theme_icon("/mIconSuccess.svg"), "Use this model", page)
         self.use_button.setToolTip("Use the student (ONNX) for road segmentation in this project")
         self.use_button.clicked.connect(self.use_model)

@@ -11,8 +11,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
@@ -65,7 +63,8 @@ def machine() -> dict[str, object]:
             "torch": torch.__version__}
 
 
-def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str) -> tuple[dict, RunDir]:
+def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str,
+              command: str) -> tuple[dict, RunDir]:
     """Train and evaluate every model for every seed; returns the aggregated metrics and the first run."""
     spec = DatasetSpec.from_split(data)
     if not spec.test:
@@ -81,7 +80,7 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
         else:
             run = RunDir.create(path, Config(**{**cfg.to_json(), "seed": seed}), spec)
         events.log.info("benchmark seed %d in %s", seed, path)
-        per_seed.append(train(run, device)["models"])
+        per_seed.append(train(run, device, command)["models"])
         first_run = first_run or run
     models = aggregate(per_seed)
     with tempfile.TemporaryDirectory() as tmp:  # throughput of every model as an ONNX on this CPU
@@ -176,12 +175,12 @@ def _run(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     dataset = args.data.resolve().name
     work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
-    models, first_run = run_bench(args.data, cfg, seeds, work, args.device)
+    models, first_run = run_bench(args.data, cfg, seeds, work, args.device, args.command_line)
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out, args.device)
     report = {
         "dataset": dataset, "preset": cfg.preset, "seeds": seeds,
-        "command": " ".join(shlex.quote(a) for a in ["road-sslkd", *sys.argv[1:]]),
+        "command": args.command_line,
         "version": __version__, "date": datetime.date.today().isoformat(), "machine": machine(),
         "config": cfg.to_json(), "models": models, "figures": [p.name for p in pictures],
     }

@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -187,7 +186,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.overwrite:
         raise events.UserError(f"{args.out} exists", "pass --overwrite to replace the report")
     sizes = [int(s) for s in args.sizes.split(",")]
-    command = shlex.join(["road-sslkd", *sys.argv[1:]])
+    command = args.command_line
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as work:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 from typing import Optional
 
@@ -51,6 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
+    args.command_line = shlex.join(["road-sslkd", *argv])  # recorded in reports
     events.setup_logging(args.verbose)
     try:
         args.func(args)

@@ -55,7 +55,7 @@ def render_overlay(image_path: Path, probability_path: Path, mask_path: Path, ou
     return out
 
 
-def run_demo(out: Path, device: str = "auto") -> dict:
+def run_demo(out: Path, device: str = "auto", command: str = "road-sslkd demo") -> dict:
     from .demo_data import write_demo_dataset
     from .onnx_runtime import load_model
     from .predict import predict_file
@@ -70,7 +70,7 @@ def run_demo(out: Path, device: str = "auto") -> dict:
         run = RunDir.open(run_path)
     else:
         run = RunDir.create(run_path, make_config("cpu", **DEMO_SETTINGS), spec)
-    metrics = train(run, device)
+    metrics = train(run, device, command)
     model = load_model(run_path / "student.onnx")
     predictions = out / "predictions"
     predictions.mkdir(exist_ok=True)
@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     install_stop_handlers()
-    metrics = run_demo(args.out, args.device)
+    metrics = run_demo(args.out, args.device, args.command_line)
     events.log.info("\n\nTest metrics on the synthetic test scenes:\n\n%s\n", metrics_table(metrics["models"]))
     events.log.info("Outputs in %s: run/student.onnx (the student), run/report.md, predictions/*.tif, demo.png",
                     args.out.resolve())

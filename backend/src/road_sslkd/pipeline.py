@@ -11,8 +11,6 @@ student_kd               baseline: distillation from the supervised teachers, la
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -48,7 +46,7 @@ STAGE_NAMES = ("teacher_a", "teacher_b", "teachers_ssl", "student_supervised", "
 STUDENTS = ("student_sslkd", "student_kd", "student_ssl", "student_supervised")
 
 
-def train(run: RunDir, device_name: str = "auto") -> dict:
+def train(run: RunDir, device_name: str = "auto", command: str = "") -> dict:
     """Run the configured stages (skipping finished ones), evaluate, export the student, write the report."""
     cfg = run.config
     unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
@@ -80,7 +78,7 @@ def train(run: RunDir, device_name: str = "auto") -> dict:
         events.artifact("onnx", onnx_path)
         events.progress("export", 1, 1)
     metrics = run.metrics()
-    (run.path / "report.md").write_text(report_markdown(run, metrics))
+    (run.path / "report.md").write_text(report_markdown(run, metrics, command))
     events.artifact("metrics", run.path / "metrics.json")
     events.artifact("report", run.path / "report.md")
     return metrics
@@ -124,7 +122,7 @@ def metrics_table(models: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(run: RunDir, metrics: dict) -> str:
+def report_markdown(run: RunDir, metrics: dict, command: str) -> str:
     cfg, spec = run.config, run.dataset
     return "\n".join([
         f"# Road SSLKD run: {run.path.name}",
@@ -138,7 +136,7 @@ def report_markdown(run: RunDir, metrics: dict) -> str:
         "",
         metrics_table(metrics["models"]),
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['road-sslkd', *sys.argv[1:]])}`",
+        f"Command: `{command}`",
         "",
     ])
 
@@ -207,5 +205,5 @@ def _run(args: argparse.Namespace) -> None:
         run = RunDir.create(args.out, cfg, spec)
         run.normalizer = probe.normalizer
         run.save()
-    metrics = train(run, args.device)
+    metrics = train(run, args.device, args.command_line)
     events.emit("done", run_dir=str(run.path), student=str(run.path / "student.onnx"), models=metrics["models"])

@@ -1,0 +1,14 @@
+"""Processing algorithms of the Road SSLKD provider (toolbox, batch, graphical models, ``qgis_process``)."""
+
+from __future__ import annotations
+
+from qgis.core import QgsProcessingAlgorithm
+
+
+def all_algorithms() -> list[QgsProcessingAlgorithm]:
+    """New instances of every algorithm the provider offers."""
+    from .evaluate import EvaluateAlgorithm
+    from .segment_roads import SegmentRoadsAlgorithm
+    from .train import TrainAlgorithm
+
+    return [SegmentRoadsAlgorithm(), TrainAlgorithm(), EvaluateAlgorithm()]

@@ -1,0 +1,193 @@
+"""``road_sslkd:train``: teachers, cross-model SSL and the SSLKD student through ``road-sslkd train``.
+
+Layers are passed to the backend as file paths (the backend reads rasters and vector labels itself);
+progress events drive the feedback bar, Cancel sends SIGTERM (the run stays resumable with
+``road-sslkd train --resume``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputFile,
+    QgsProcessingOutputString,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+)
+from qgis.PyQt.QtGui import QIcon
+
+from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
+from ..resources import icon_path
+
+
+def _file_path(layer: Any) -> str:
+    """The file behind a layer (``path|layername=x`` keeps the layer part only for GeoPackages)."""
+    source = layer.source()
+    path = source.split("|", 1)[0]
+    if not os.path.isfile(path):
+        raise QgsProcessingException(f"{layer.name()} is not a file on disk ({source}): save or export it first")
+    return path
+
+
+class TrainAlgorithm(QgsProcessingAlgorithm):
+    IMAGES = "LABELLED_IMAGES"
+    LABELS = "LABELS"
+    UNLABELLED = "UNLABELLED"
+    PRESET = "PRESET"
+    LABEL_WIDTH = "LABEL_WIDTH"
+    STEPS_SCALE = "STEPS_SCALE"
+    OUTPUT_FOLDER = "OUTPUT_FOLDER"
+    MODEL = "MODEL"
+    REPORT = "REPORT"
+    METRICS = "METRICS"
+
+    def createInstance(self) -> TrainAlgorithm:  # noqa: N802
+        return TrainAlgorithm()
+
+    def name(self) -> str:
+        return "train"
+
+    def displayName(self) -> str:  # noqa: N802
+        return "Train SSLKD road model"
+
+    def group(self) -> str:
+        return "Training"
+
+    def groupId(self) -> str:  # noqa: N802
+        return "training"
+
+    def icon(self) -> QIcon:
+        return QIcon(icon_path())
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return (
+            "Trains two teachers on the labelled images, lets them teach each other on the unlabelled images "
+            "(cross-model pseudo-labels), distils them into a small student and exports it as ONNX "
+            "(semi-supervised knowledge distillation).<br><br>"
+            "<b>Labelled images</b> and <b>Labels</b> are paired in order: a mask raster (road &gt; 0) or a "
+            "vector layer of road lines/polygons per image. <b>Label width</b> buffers road lines (map units) "
+            "without a width field.<br>"
+            "<b>Preset</b>: tiny (seconds, for trying it out), cpu (a 2-core machine), gpu (the paper's "
+            "networks).<br>"
+            "<b>Output folder</b> must be new or empty. Cancel stops the backend after a checkpoint: "
+            "continue with <tt>road-sslkd train --resume FOLDER</tt>.<br>"
+            "Needs the backend (dock: Set up backend)."
+        )
+
+    def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
+        self.addParameter(
+            QgsProcessingParameterMultipleLayers(self.IMAGES, "Labelled images", QgsProcessing.TypeRaster)
+        )
+        self.addParameter(
+            QgsProcessingParameterMultipleLayers(
+                self.LABELS, "Labels (masks or road vectors, same order)", QgsProcessing.TypeMapLayer
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterMultipleLayers(
+                self.UNLABELLED, "Unlabelled images", QgsProcessing.TypeRaster, optional=True
+            )
+        )
+        self.addParameter(QgsProcessingParameterEnum(self.PRESET, "Preset", list(PRESETS), defaultValue=1))
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                self.LABEL_WIDTH,
+                "Road width for line labels (map units)",
+                QgsProcessingParameterNumber.Type.Double,
+                optional=True,
+                minValue=0.0,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterNumber(
+                self.STEPS_SCALE,
+                "Training length (steps scale)",
+                QgsProcessingParameterNumber.Type.Double,
+                defaultValue=1.0,
+                minValue=0.01,
+            )
+        )
+        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT_FOLDER, "Run folder"))
+        self.addOutput(QgsProcessingOutputFile(self.MODEL, "Student model (ONNX)"))
+        self.addOutput(QgsProcessingOutputFile(self.REPORT, "Report (Markdown)"))
+        self.addOutput(QgsProcessingOutputString(self.METRICS, "Metrics (JSON)"))
+
+    def processAlgorithm(
+        self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback
+    ) -> dict:  # noqa: N802
+        from ..core.cli import run_backend
+
+        images = self.parameterAsLayerList(parameters, self.IMAGES, context)
+        labels = self.parameterAsLayerList(parameters, self.LABELS, context)
+        if len(images) != len(labels):
+            raise QgsProcessingException(
+                f"{len(images)} labelled images but {len(labels)} labels: give one label layer per image, same order"
+            )
+        unlabelled = self.parameterAsLayerList(parameters, self.UNLABELLED, context)
+        run_dir = self.parameterAsString(parameters, self.OUTPUT_FOLDER, context)
+        if os.path.isdir(run_dir) and any(os.scandir(run_dir)):
+            raise QgsProcessingException(f"The run folder {run_dir} is not empty: choose a new folder")
+        width = None
+        if parameters.get(self.LABEL_WIDTH) not in (None, ""):
+            width = self.parameterAsDouble(parameters, self.LABEL_WIDTH, context)
+        request = TrainRequest(
+            run_dir=run_dir,
+            labelled=[(_file_path(i), _file_path(label)) for i, label in zip(images, labels)],
+            unlabelled=[_file_path(layer) for layer in unlabelled],
+            preset=PRESETS[self.parameterAsEnum(parameters, self.PRESET, context)],
+            label_width=width,
+            steps_scale=self.parameterAsDouble(parameters, self.STEPS_SCALE, context),
+        )
+        last_stage = [""]
+
+        def on_event(event: dict) -> None:
+            kind = event.get("event")
+            if kind == "progress":
+                stage = event.get("stage")
+                if stage != last_stage[0]:
+                    last_stage[0] = stage
+                    feedback.pushInfo(f"Stage: {stage_label(stage)}")
+                fraction = overall_fraction(stage, event.get("step") or 0, event.get("total") or 0)
+                if fraction is not None:
+                    feedback.setProgress(100.0 * fraction)
+            elif kind == "metric":
+                feedback.pushInfo(f"{event.get('stage', '')} {event.get('name')}: {event.get('value')}")
+            elif kind == "warning":
+                feedback.pushWarning(str(event.get("message", "")))
+
+        try:
+            result = run_backend(
+                request.to_args(), on_event, feedback.pushDebugInfo, feedback.isCanceled, run_dir=run_dir
+            )
+        except (RuntimeError, OSError) as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        outcome = result.outcome
+        if not outcome.ok:
+            details = f" ({outcome.hint})" if outcome.hint else ""
+            if outcome.status == "cancelled":
+                feedback.reportError(f"Training cancelled; resume with: road-sslkd train --resume {run_dir}")
+                return {}
+            raise QgsProcessingException(f"{outcome.message}{details}\n{outcome.details()}")
+        model = result.artifact("onnx") or os.path.join(run_dir, "student.onnx")
+        report = os.path.join(run_dir, "report.md")
+        metrics_path = os.path.join(run_dir, "metrics.json")
+        metrics = ""
+        if os.path.isfile(metrics_path):
+            with open(metrics_path, encoding="utf-8") as handle:
+                metrics = handle.read()
+        feedback.pushInfo(f"Student model: {model}")
+        return {
+            self.OUTPUT_FOLDER: run_dir,
+            self.MODEL: model,
+            self.REPORT: report if os.path.isfile(report) else "",
+            self.METRICS: metrics,
+        }

@@ -1,0 +1,372 @@
+"""Road segmentation of a raster layer's extent: the widget-free core shared by the map action and Processing.
+
+Steps, each a small function: ``load_model`` (the backend's ONNX engine, imported in-process from its
+source folder), ``plan_window`` (an extent in any CRS -> a pixel grid on the layer at the model's ground
+resolution), ``read_bands`` (QgsRasterDataProvider blocks -> a numpy masked array, nodata kept),
+``predict`` (tiled inference, progress and cancel) and ``write_geotiff`` (GDAL, uint8, written to a
+temporary name and renamed, so a failed or cancelled run leaves no half-written file).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsCsException,
+    QgsProject,
+    QgsRasterDataProvider,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsUnitTypes,
+)
+
+from .backend import PLUGIN_DIR, backend_source_dir
+
+DEFAULT_MAX_PIXELS = 40_000_000  # a canvas extent larger than this at the model's resolution: zoom in
+EXACT_MASK_PIXELS = 1_000_000  # nodata bitmaps up to this size are read pixel by pixel
+ENGINE_HINT = "install onnxruntime and numpy in QGIS's Python, or segment with `road-sslkd predict`"
+
+
+class SegmentError(Exception):
+    """A problem the user can fix: ``message`` says what, ``hint`` how."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+# ---------------------------------------------------------------------------------------------- engine
+def backend_src_dir(plugin_dir: Path = PLUGIN_DIR) -> Optional[Path]:
+    """``backend/src`` of the plugin zip or of the development checkout."""
+    source = backend_source_dir(plugin_dir)
+    return source / "src" if source is not None and (source / "src" / "road_sslkd").is_dir() else None
+
+
+def engine_module(plugin_dir: Path = PLUGIN_DIR) -> Any:
+    """``road_sslkd.onnx_runtime``, imported in-process (it needs only numpy and onnxruntime)."""
+    src = backend_src_dir(plugin_dir)
+    if src is not None and str(src) not in sys.path:
+        sys.path.append(str(src))  # appended: an installed road_sslkd in QGIS's Python wins
+    try:
+        from road_sslkd import onnx_runtime
+    except ImportError as exc:
+        raise SegmentError(f"The ONNX engine cannot be loaded in QGIS's Python: {exc}", ENGINE_HINT) from exc
+    return onnx_runtime
+
+
+def engine_available() -> bool:
+    try:
+        engine_module()
+    except SegmentError:
+        return False
+    return True
+
+
+def load_model(path: str, threads: Optional[int] = None) -> Any:
+    """An ``OnnxSegmenter``; the backend's ``UserError`` becomes ``SegmentError``."""
+    if not path:
+        raise SegmentError("No road model chosen", 'train one and click "Use this model", or pick an .onnx file')
+    module = engine_module()
+    from road_sslkd.events import UserError
+
+    try:
+        return module.load_model(path, provider="auto", threads=threads)
+    except UserError as exc:
+        raise SegmentError(exc.message, exc.hint) from exc
+
+
+# ---------------------------------------------------------------------------------------------- window
+@dataclass(frozen=True)
+class ReadWindow:
+    """A pixel grid on the layer: ``extent`` in the layer's CRS, ``width`` x ``height`` pixels."""
+
+    extent: QgsRectangle
+    width: int
+    height: int
+    crs: QgsCoordinateReferenceSystem
+
+    @property
+    def pixel_size(self) -> tuple[float, float]:
+        return self.extent.width() / self.width, self.extent.height() / self.height
+
+    def geotransform(self) -> tuple[float, float, float, float, float, float]:
+        """GDAL geotransform, north up."""
+        px, py = self.pixel_size
+        return (self.extent.xMinimum(), px, 0.0, self.extent.yMaximum(), 0.0, -py)
+
+
+def model_pixel_size(layer: QgsRasterLayer, resolution_cm: Optional[float]) -> tuple[float, float]:
+    """The model's ground resolution in the layer's map units; the layer's own where unknown."""
+    native = (layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY())
+    if not resolution_cm:
+        return native
+    units = layer.crs().mapUnits()
+    if units == QgsUnitTypes.DistanceUnit.DistanceUnknownUnit:
+        return native
+    size = resolution_cm / 100.0 * QgsUnitTypes.fromUnitToUnitFactor(QgsUnitTypes.DistanceUnit.DistanceMeters, units)
+    if all(math.isclose(size, n, rel_tol=1e-3) for n in native):
+        return native  # same resolution: read the pixels as they are, no resampling
+    return size, size
+
+
+def plan_window(
+    layer: QgsRasterLayer,
+    extent: Optional[QgsRectangle] = None,
+    extent_crs: Optional[QgsCoordinateReferenceSystem] = None,
+    resolution_cm: Optional[float] = None,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    project: Optional[QgsProject] = None,
+) -> ReadWindow:
+    """The part of ``layer`` inside ``extent`` (the whole layer when None), on a grid aligned with the layer."""
+    crs = layer.crs()
+    full = layer.extent()
+    area = QgsRectangle(full)
+    if extent is not None and not extent.isNull():
+        area = QgsRectangle(extent)
+        if extent_crs is not None and extent_crs.isValid() and crs.isValid() and extent_crs != crs:
+            transform = QgsCoordinateTransform(extent_crs, crs, project or QgsProject.instance())
+            try:
+                area = transform.transformBoundingBox(area)
+            except QgsCsException as exc:
+                raise SegmentError("The extent cannot be transformed to the layer's CRS", str(exc)) from exc
+        area = area.intersect(full)
+        if area.isEmpty():
+            raise SegmentError(
+                f"The extent does not overlap the layer {layer.name()}",
+                "pan or zoom to the layer, or choose another layer or extent",
+            )
+    px, py = model_pixel_size(layer, resolution_cm)
+    # Snap outwards to the layer's pixel grid (or the model grid from the layer's corner), inside the layer.
+    x0 = full.xMinimum() + math.floor((area.xMinimum() - full.xMinimum()) / px + 1e-6) * px
+    y1 = full.yMaximum() - math.floor((full.yMaximum() - area.yMaximum()) / py + 1e-6) * py
+    width = max(1, math.ceil((min(area.xMaximum(), full.xMaximum()) - x0) / px - 1e-6))
+    height = max(1, math.ceil((y1 - max(area.yMinimum(), full.yMinimum())) / py - 1e-6))
+    if max_pixels and width * height > max_pixels:
+        raise SegmentError(
+            f"The extent is {width} x {height} pixels at the model's resolution ({px:g} map units per pixel), "
+            f"more than the {max_pixels / 1e6:g} Mpx limit",
+            "zoom in, or segment the whole raster with Processing or `road-sslkd predict`",
+        )
+    window_extent = QgsRectangle(x0, y1 - height * py, x0 + width * px, y1)
+    return ReadWindow(window_extent, width, height, crs)
+
+
+# ---------------------------------------------------------------------------------------------- pixels
+def _dtypes() -> dict[Any, str]:
+    kinds = Qgis.DataType
+    return {
+        kinds.Byte: "uint8",
+        kinds.UInt16: "uint16",
+        kinds.Int16: "int16",
+        kinds.UInt32: "uint32",
+        kinds.Int32: "int32",
+        kinds.Float32: "float32",
+        kinds.Float64: "float64",
+    }
+
+
+def check_bands(layer: QgsRasterLayer, needed: int, bands: Optional[list[int]] = None) -> list[int]:
+    """The 1-based bands to read: ``bands`` or the first ``needed``; raises when the layer has too few."""
+    count = layer.bandCount()
+    chosen = list(bands) if bands else list(range(1, needed + 1))
+    if len(chosen) != needed:
+        raise SegmentError(f"The model reads {needed} bands, {len(chosen)} were chosen", "choose one band per input")
+    if count < max(chosen) or min(chosen) < 1:
+        raise SegmentError(
+            f"The layer {layer.name()} has {count} band{'s' if count != 1 else ''}, the model needs {needed}",
+            "choose a layer with the bands the model was trained on (e.g. RGB)",
+        )
+    return chosen
+
+
+def read_bands(provider: QgsRasterDataProvider, window: ReadWindow, bands: list[int]) -> Any:
+    """Raw bands (C, H, W) of the window; a masked array where the source has nodata (per band)."""
+    import numpy as np
+
+    dtypes = _dtypes()
+    planes, masks = [], []
+    for band in bands:
+        block = provider.block(band, window.extent, window.width, window.height)
+        if block is None or not block.isValid():
+            raise SegmentError(f"Band {band} could not be read", "check that the raster file is readable")
+        dtype = dtypes.get(block.dataType())
+        if dtype is None:
+            raise SegmentError(
+                f"Band {band} has an unsupported data type ({block.dataType()})", "use integer or float bands"
+            )
+        data = np.frombuffer(bytes(block.data()), dtype=dtype).reshape(window.height, window.width).copy()
+        mask = None
+        if block.hasNoDataValue():
+            nodata = block.noDataValue()
+            mask = np.isnan(data) if math.isnan(nodata) else data == np.asarray(nodata).astype(dtype)
+        elif block.hasNoData():  # only a bitmap (pixels outside the raster, user nodata ranges)
+            mask = _bitmap_mask(block, window, provider.extent())
+        if dtype.startswith("float"):
+            mask = np.isnan(data) if mask is None else (mask | np.isnan(data))
+        planes.append(data)
+        masks.append(mask)
+    stack = np.stack(planes)
+    if all(m is None or not m.any() for m in masks):
+        return stack
+    full = np.stack([m if m is not None else np.zeros(stack.shape[1:], bool) for m in masks])
+    return np.ma.MaskedArray(stack, full)
+
+
+def _bitmap_mask(block: Any, window: ReadWindow, raster: QgsRectangle) -> Any:
+    """A block's nodata bitmap as a numpy mask: pixel by pixel when small (PyQGIS offers no bulk read),
+    else the pixels whose centre lies outside the raster (the common case: the window's last partial pixel).
+    """
+    import numpy as np
+
+    if window.width * window.height <= EXACT_MASK_PIXELS:
+        flags = [block.isNoData(i) for i in range(window.width * window.height)]
+        return np.array(flags, bool).reshape(window.height, window.width)
+    px, py = window.pixel_size
+    xs = window.extent.xMinimum() + (np.arange(window.width) + 0.5) * px
+    ys = window.extent.yMaximum() - (np.arange(window.height) + 0.5) * py
+    outside_x = (xs < raster.xMinimum()) | (xs > raster.xMaximum())
+    outside_y = (ys < raster.yMinimum()) | (ys > raster.yMaximum())
+    return outside_y[:, None] | outside_x[None, :]
+
+
+def predict(
+    model: Any,
+    bands: Any,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
+) -> Any:
+    """uint8 road probability (H, W), masked where nodata; None when cancelled."""
+    return model.predict_array(bands, batch=4, progress=progress, cancelled=cancelled)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def write_geotiff(path: str, values: Any, window: ReadWindow) -> str:
+    """Write ``values`` ((H, W) or (C, H, W), any numeric dtype; masked = nodata) as a GeoTIFF on ``window``.
+
+    Nodata becomes a GDAL per-dataset mask (inside the file), so every value, 0 included, keeps its
+    meaning. Written under a temporary name and renamed at the end: no half-written output on failure.
+    """
+    import numpy as np
+    from osgeo import gdal, gdal_array
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{os.path.basename(path)}.partial.tif")
+    data = np.ma.getdata(values)
+    data = data[None] if data.ndim == 2 else data
+    mask = np.ma.getmaskarray(values) if np.ma.isMaskedArray(values) else None
+    if mask is not None and mask.ndim == 3:
+        mask = mask.all(axis=0)  # nodata where no band has a value, as the engine reads it
+    gdal_type = gdal_array.NumericTypeCodeToGDALTypeCode(data.dtype)
+    gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES")  # the mask inside the .tif, no .msk
+    try:
+        driver = gdal.GetDriverByName("GTiff")
+        options = ["COMPRESS=DEFLATE", "TILED=YES"] + (["INTERLEAVE=PIXEL"] if len(data) > 1 else [])
+        dataset = driver.Create(partial, window.width, window.height, len(data), gdal_type, options)
+        if dataset is None:
+            raise SegmentError(f"Cannot write {path}: {gdal.GetLastErrorMsg()}", "choose a writable output file")
+        dataset.SetGeoTransform(window.geotransform())
+        dataset.SetProjection(window.crs.toWkt(QgsCoordinateReferenceSystem.WktVariant.WKT_PREFERRED_GDAL))
+        for index, plane in enumerate(data, 1):
+            dataset.GetRasterBand(index).WriteArray(plane)
+        if mask is not None and mask.any():
+            dataset.CreateMaskBand(gdal.GMF_PER_DATASET)
+            dataset.GetRasterBand(1).GetMaskBand().WriteArray(np.where(mask, 0, 255).astype(np.uint8))
+        dataset.FlushCache()
+        dataset = None  # closes the file before the rename
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    finally:
+        gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", None)
+    return path
+
+
+def place_file(source: str, target: str) -> str:
+    """Move a finished output to ``target`` (copied then renamed across file systems: never half-written)."""
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{os.path.basename(target)}.partial.tif")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+    return target
+
+
+def predict_with_backend(
+    model_path: str,
+    source: str,
+    out_dir: str,
+    source_name: str = "",
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
+    log: Optional[Callable[[str], None]] = None,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Optional[str]:
+    """``road-sslkd predict`` (backend venv) on a GeoTIFF written by ``write_geotiff``, for a QGIS whose
+    Python lacks onnxruntime. Blocking: call it from a worker thread. The probability file, None if cancelled.
+    """
+    from .cli import run_backend
+
+    def on_event(event: dict) -> None:
+        if event.get("event") == "progress" and event.get("total") and progress is not None:
+            progress(int(event.get("step") or 0), int(event["total"]))
+        elif event.get("event") == "warning" and warn is not None:
+            warn(str(event.get("message", "")))
+
+    args = ["predict", model_path, source, "--out", out_dir, "--overwrite"]
+    try:
+        result = run_backend(args, on_event, log, cancelled)
+    except (RuntimeError, OSError) as exc:
+        raise SegmentError(str(exc), ENGINE_HINT) from exc
+    if cancelled is not None and cancelled():
+        return None
+    produced = result.artifact("probability")
+    if not result.outcome.ok or not produced:
+        message = result.outcome.message
+        if source_name:  # name the user's layer, not the scratch copy the backend read
+            message = message.replace(source, source_name)
+        raise SegmentError(message, result.outcome.hint)
+    return produced
+
+
+def binary_mask(probability: Any, threshold: float) -> Any:
+    """Road (1) / background (0) at ``threshold`` (0..1), masked where the probability is."""
+    import numpy as np
+
+    values = (np.ma.getdata(probability) >= round(threshold * 255)).astype(np.uint8)
+    if np.ma.isMaskedArray(probability):
+        return np.ma.MaskedArray(values, np.ma.getmaskarray(probability))
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- styles
+def style_path(name: str) -> str:
+    from ..resources import resource_path
+
+    return resource_path(name)
+
+
+PROBABILITY_STYLE = "road_probability.qml"
+MASK_STYLE = "road_mask.qml"
+
+
+def style_layer(layer: QgsRasterLayer, binary: bool = False) -> None:
+    """The probability ramp (transparent near 0) or the red road mask, from resources/."""
+    qml = style_path(MASK_STYLE if binary else PROBABILITY_STYLE)
+    if qml:
+        layer.loadNamedStyle(qml)
+        layer.triggerRepaint()

@@ -1,0 +1,293 @@
+"""The "Segment visible extent" action: roads over the map canvas extent, inference in a QgsTask.
+
+Main thread: choose layer and model, plan the pixel window, read the pixels (QGIS providers are not
+shared across threads). Task thread: ``model.predict_array`` only, with progress and cancel. Main thread
+again: write the GeoTIFF and add it, styled, to the "Road SSLKD" layer group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Optional
+
+from qgis.core import (
+    Qgis,
+    QgsApplication,
+    QgsLayerTreeGroup,
+    QgsMapLayer,
+    QgsProject,
+    QgsRasterLayer,
+    QgsTask,
+)
+from qgis.PyQt.QtCore import QObject, pyqtSignal
+from qgis.PyQt.QtWidgets import QFileDialog
+
+from ..core import segment, settings
+
+GROUP = "Road SSLKD"
+KEEP_KEY = "segment/keep_results"  # user setting: keep earlier results instead of replacing them
+FOLDER_KEY = "segment/output_folder"  # user setting: where result GeoTIFFs go
+LAST_LAYER_KEY = "segment/last_layer"  # project entry: id of the latest result layer
+TITLE = "Road SSLKD"
+
+
+def keep_results() -> bool:
+    return str(settings.user_value(KEEP_KEY, "false")).lower() in ("true", "1")
+
+
+def output_folder(project: QgsProject) -> str:
+    """The setting; else ``road_sslkd_segmentations`` next to a saved project; else the temp folder."""
+    folder = str(settings.user_value(FOLDER_KEY, "") or "")
+    if folder:
+        return folder
+    home = project.homePath()
+    if home and project.fileName():
+        return os.path.join(home, "road_sslkd_segmentations")
+    return os.path.join(tempfile.gettempdir(), "road_sslkd_segmentations")
+
+
+def readable_raster(layer: Optional[QgsMapLayer]) -> bool:
+    """A valid raster layer whose provider returns pixel blocks (not a WMS-like image-only source)."""
+    if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
+        return False
+    provider = layer.dataProvider()
+    return provider is not None and bool(provider.capabilities() & provider.Capability.Size)
+
+
+def default_layer(project: QgsProject, active: Optional[QgsMapLayer] = None) -> Optional[QgsRasterLayer]:
+    """The active layer when it is a readable raster, else the topmost visible one (result layers skipped)."""
+    if readable_raster(active) and not active.customProperty("road_sslkd/result"):
+        return active
+    root = project.layerTreeRoot()
+    for layer in root.layerOrder() or [n.layer() for n in root.findLayers()]:
+        node = root.findLayer(layer.id())
+        if node is None or not node.isVisible() or layer.customProperty("road_sslkd/result"):
+            continue
+        if readable_raster(layer):
+            return layer
+    return None
+
+
+Work = Callable[[Callable[[int, int], None], Callable[[], bool]], Any]  # (progress, cancelled) -> result
+
+
+class SegmentTask(QgsTask):
+    """Runs ``work(progress, cancelled)`` in QGIS's task manager; ``done(result or None, error)`` on the main thread."""
+
+    def __init__(self, work: Work, description: str, done: Callable[[Any, str], None]) -> None:
+        super().__init__(description, QgsTask.Flag.CanCancel)
+        self.work, self.done = work, done
+        self.result: Any = None
+        self.error = ""
+
+    def run(self) -> bool:
+        try:
+            self.result = self.work(lambda done, total: self.setProgress(100.0 * done / max(total, 1)), self.isCanceled)
+        except segment.SegmentError as exc:
+            self.error = str(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - shown to the user, never lost in a worker thread
+            self.error = f"{type(exc).__name__}: {exc}"
+            return False
+        return self.result is not None
+
+    def finished(self, ok: bool) -> None:  # noqa: FBT001 - QgsTask's signature
+        self.work = None  # free the input pixels as soon as possible
+        self.done(self.result if ok else None, self.error)
+
+
+class ExtentSegmenter(QObject):
+    """Segments the canvas extent of the chosen raster layer; emits ``finished(layer or None, message)``."""
+
+    finished = pyqtSignal(object, str)
+
+    def __init__(self, iface: Any, parent: Optional[QObject] = None) -> None:
+        super().__init__(parent)
+        self.iface = iface
+        self.task: Optional[SegmentTask] = None
+        self._model: Any = None
+        self._model_key: tuple[str, float] = ("", 0.0)
+        self.closed = False
+
+    # ----------------------------------------------------------------- choices
+    def model_path(self) -> str:
+        return settings.selected_model()
+
+    def choose_model(self) -> str:
+        """File dialog for any ONNX model; the choice becomes the project's model."""
+        start = self.model_path() or os.path.expanduser("~")
+        path, _ = QFileDialog.getOpenFileName(
+            self.iface.mainWindow(), "Choose a road model", start, "ONNX models (*.onnx);;All files (*)"
+        )
+        if path:
+            settings.set_selected_model(path)
+        return path
+
+    def _load(self, path: str) -> Any:
+        """The model, cached while the file is unchanged (loading costs a second or so)."""
+        key = (path, os.path.getmtime(path) if os.path.isfile(path) else 0.0)
+        if self._model is None or key != self._model_key:
+            self._model = segment.load_model(path)
+            self._model_key = key
+        return self._model
+
+    def is_running(self) -> bool:
+        return self.task is not None
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def shutdown(self) -> None:
+        """Plugin unload: cancel a running task and ignore its result."""
+        self.closed = True
+        self.cancel()
+
+    # ----------------------------------------------------------------- run
+    def run(self, layer: Optional[QgsRasterLayer] = None, model_path: Optional[str] = None) -> bool:
+        """Start a segmentation of the visible extent; False (and a message) when it cannot start."""
+        if self.task is not None:
+            self._message("A segmentation is already running.", Qgis.MessageLevel.Info)
+            return False
+        project = QgsProject.instance()
+        canvas = self.iface.mapCanvas()
+        layer = layer or default_layer(project, self.iface.activeLayer())
+        path = model_path or self.model_path()
+        if not path:
+            path = self.choose_model()
+        try:
+            if layer is None:
+                raise segment.SegmentError("No visible raster layer to segment", "add or show an image layer")
+            if segment.engine_available():
+                work, window, warnings = self._in_process(layer, path, canvas, project)
+            else:  # QGIS's Python has no onnxruntime: the backend's `road-sslkd predict` does the inference
+                work, window, warnings = self._with_backend(layer, path, canvas, project)
+        except segment.SegmentError as exc:
+            self._fail(exc.message, exc.hint)
+            return False
+        for warning in warnings:
+            self._message(warning, Qgis.MessageLevel.Warning)
+        name = layer.name()
+        description = f"Road SSLKD: segmenting {name} ({window.width} x {window.height} px)"
+
+        def done(result: Any, error: str) -> None:
+            self.task = None
+            if self.closed:
+                return
+            self._finish(result, error, layer.name() if not _deleted(layer) else name, window)
+
+        self.task = SegmentTask(work, description, done)
+        QgsApplication.taskManager().addTask(self.task)
+        return True
+
+    def _window(self, layer: QgsRasterLayer, canvas: Any, project: QgsProject, resolution_cm: Any) -> Any:
+        map_settings = canvas.mapSettings()
+        return segment.plan_window(
+            layer, map_settings.visibleExtent(), map_settings.destinationCrs(), resolution_cm, project=project
+        )
+
+    def _in_process(self, layer: QgsRasterLayer, path: str, canvas: Any, project: QgsProject) -> tuple:
+        """Pixels read here (main thread); the task only runs the model on them."""
+        model = self._load(path)
+        bands = segment.check_bands(layer, model.info.bands)
+        window = self._window(layer, canvas, project, model.info.resolution_cm)
+        pixels = segment.read_bands(layer.dataProvider(), window, bands)
+
+        def work(progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> Any:
+            return segment.predict(model, pixels, progress, cancelled)
+
+        return work, window, list(model.warnings)
+
+    def _with_backend(self, layer: QgsRasterLayer, path: str, canvas: Any, project: QgsProject) -> tuple:
+        """The window at the layer's resolution to a scratch GeoTIFF; the task runs ``road-sslkd predict`` on it.
+
+        The backend reads the model's bands and resolution itself and answers on the window's grid.
+        """
+        if not os.path.isfile(path):
+            raise segment.SegmentError(f"model file not found: {path}", "give the path of an .onnx model")
+        window = self._window(layer, canvas, project, None)
+        pixels = segment.read_bands(layer.dataProvider(), window, list(range(1, layer.bandCount() + 1)))
+        scratch = tempfile.mkdtemp(prefix="road_sslkd_extent_")
+        source = segment.write_geotiff(os.path.join(scratch, "window.tif"), pixels, window)
+        del pixels
+        label = f"the layer {layer.name()}"  # layers are not touched from the task's thread
+
+        def work(progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> Any:
+            produced = None
+            try:
+                produced = segment.predict_with_backend(path, source, scratch, label, progress, cancelled)
+                if produced is not None:
+                    kept = os.path.join(scratch, "probability.tif")
+                    os.replace(produced, kept)
+                    produced = kept  # a file: _finish moves it to the output folder
+                return produced
+            finally:
+                os.remove(source)
+                if produced is None:
+                    shutil.rmtree(scratch, ignore_errors=True)
+
+        return work, window, ["onnxruntime is not available in QGIS's Python: using the backend (road-sslkd predict)"]
+
+    def _finish(self, result: Any, error: str, name: str, window: segment.ReadWindow) -> None:
+        if result is None:
+            text = f"Segmentation failed: {error}" if error else "Segmentation cancelled."
+            self._message(text, Qgis.MessageLevel.Critical if error else Qgis.MessageLevel.Info)
+            self.finished.emit(None, text)
+            return
+        project = QgsProject.instance()
+        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
+        safe = re.sub(r"[^\w.-]+", "_", name).strip("_") or "layer"
+        path = os.path.join(output_folder(project), f"roads_{safe}_{stamp}.tif")
+        try:
+            if isinstance(result, str):  # the backend's file
+                segment.place_file(result, path)
+                shutil.rmtree(os.path.dirname(result), ignore_errors=True)
+            else:
+                segment.write_geotiff(path, result, window)
+        except (OSError, RuntimeError, segment.SegmentError) as exc:
+            text = f"Cannot write the result: {exc}"
+            self._message(text, Qgis.MessageLevel.Critical)
+            self.finished.emit(None, text)
+            return
+        layer = self.add_result(project, path, f"Roads — {name}")
+        text = f"Roads segmented in {name}: {path}"
+        self._message(text, Qgis.MessageLevel.Success)
+        self.finished.emit(layer, text)
+
+    def add_result(self, project: QgsProject, path: str, title: str) -> QgsRasterLayer:
+        """Add the GeoTIFF, styled, at the top of the "Road SSLKD" group; replace the last one unless kept."""
+        previous = project.mapLayer(settings.project_value(LAST_LAYER_KEY, "", project))
+        if previous is not None and not keep_results():
+            project.removeMapLayer(previous.id())
+        layer = QgsRasterLayer(path, title, "gdal")
+        segment.style_layer(layer)
+        layer.setCustomProperty("road_sslkd/result", True)  # after the style: loading a QML replaces them
+        project.addMapLayer(layer, False)
+        root = project.layerTreeRoot()
+        group = root.findGroup(GROUP)
+        if not isinstance(group, QgsLayerTreeGroup):
+            group = root.insertGroup(0, GROUP)
+        group.insertLayer(0, layer)
+        settings.set_project_value(LAST_LAYER_KEY, layer.id(), project)
+        return layer
+
+    # ----------------------------------------------------------------- messages
+    def _fail(self, message: str, hint: str) -> None:
+        text = f"{message}: {hint}" if hint else message
+        self._message(text, Qgis.MessageLevel.Warning)
+        self.finished.emit(None, text)
+
+    def _message(self, text: str, level: Qgis.MessageLevel) -> None:
+        bar = self.iface.messageBar() if self.iface is not None else None
+        if bar is not None:
+            bar.pushMessage(TITLE, text, level, 8 if level != Qgis.MessageLevel.Critical else 0)
+
+
+def _deleted(obj: Any) -> bool:
+    from qgis.PyQt import sip
+
+    return sip.isdeleted(obj)

@@ -1,0 +1,190 @@
+"""The "Segment visible extent" action: real QGIS and onnxruntime, a pointwise ONNX model with known output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from osgeo import gdal
+from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle
+from segment_data import ORIGIN, expected_probability, make_model, make_raster
+
+import road_sslkd_plugin
+from conftest import needs_backend, wait_until
+from road_sslkd_plugin.core import segment, settings
+from road_sslkd_plugin.ui.segment_extent import GROUP, KEEP_KEY, ExtentSegmenter, default_layer
+
+pytestmark = needs_backend  # the test model is written with the backend venv's onnx package
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("segment")
+    return {
+        "raster": folder / "scene.tif",
+        "pixels": make_raster(folder / "scene.tif"),
+        "model": make_model(folder / "pointwise.onnx"),
+        "model_1m": make_model(folder / "pointwise_1m.onnx", resolution_cm=100.0),
+        "folder": folder,
+    }
+
+
+@pytest.fixture
+def scene(project, data, tmp_path, qgis_iface):
+    layer = QgsRasterLayer(str(data["raster"]), "scene", "gdal")
+    assert layer.isValid()
+    project.addMapLayer(layer)
+    settings.set_user_value("segment/output_folder", str(tmp_path / "out"))
+    qgis_iface.setActiveLayer(layer)
+    return layer
+
+
+def _show(canvas, extent: QgsRectangle, crs: str = "EPSG:32633") -> QgsRectangle:
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem(crs))
+    canvas.setExtent(extent)
+    canvas.refresh()
+    return canvas.mapSettings().visibleExtent()
+
+
+def _run(segmenter: ExtentSegmenter, **kwargs) -> tuple:
+    results = []
+    segmenter.finished.connect(lambda layer, text: results.append((layer, text)))
+    assert segmenter.run(**kwargs)
+    assert wait_until(lambda: results, 60)
+    return results[0]
+
+
+def _read(path: str) -> tuple[np.ndarray, tuple]:
+    dataset = gdal.Open(path)
+    values, transform = dataset.GetRasterBand(1).ReadAsArray(), dataset.GetGeoTransform()
+    dataset = None
+    return values, transform
+
+
+def test_segments_the_visible_part_of_the_layer_exactly(qgis_iface, scene, data):
+    visible = _show(qgis_iface.mapCanvas(), QgsRectangle(500_010.0, 4_999_960.0, 500_030.0, 4_999_990.0))
+    segmenter = ExtentSegmenter(qgis_iface)
+    layer, text = _run(segmenter, model_path=str(data["model"]))
+    assert isinstance(layer, QgsRasterLayer) and layer.isValid(), text
+    assert layer.crs().authid() == "EPSG:32633"
+    # The result covers the visible extent snapped outwards to the layer's 0.5 m grid, inside the layer.
+    expected = visible.intersect(scene.extent())
+    assert layer.extent().contains(expected)
+    assert layer.extent().width() - expected.width() < 1.0 + 1e-6
+    values, transform = _read(layer.source())
+    assert transform[1] == pytest.approx(0.5) and transform[5] == pytest.approx(-0.5)
+    col0 = round((transform[0] - ORIGIN[0]) / 0.5)
+    row0 = round((ORIGIN[1] - transform[3]) / 0.5)
+    source = data["pixels"][0][row0 : row0 + values.shape[0], col0 : col0 + values.shape[1]]
+    assert np.abs(values.astype(int) - expected_probability(source)).max() <= 1
+    assert values.max() > 200 and values.min() < 60  # the bright road and the dark ground
+    # In the "Road SSLKD" group, styled with the probability ramp.
+    group = QgsProject.instance().layerTreeRoot().findGroup(GROUP)
+    assert group is not None and group.findLayer(layer.id()) is not None
+    assert layer.renderer().type() == "singlebandpseudocolor"
+    assert "Roads segmented" in text
+
+
+def test_without_onnxruntime_in_qgis_the_backend_cli_segments(qgis_iface, scene, data, monkeypatch):
+    """Most QGIS installs have no onnxruntime: the task then runs `road-sslkd predict` from the backend venv."""
+    monkeypatch.setattr(segment, "engine_available", lambda: False)  # our switch, not onnxruntime itself
+    visible = _show(qgis_iface.mapCanvas(), QgsRectangle(500_010.0, 4_999_960.0, 500_030.0, 4_999_990.0))
+    layer, text = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
+    assert layer is not None and layer.isValid(), text
+    assert layer.extent().contains(visible.intersect(scene.extent()))
+    values, transform = _read(layer.source())
+    col0 = round((transform[0] - ORIGIN[0]) / 0.5)
+    row0 = round((ORIGIN[1] - transform[3]) / 0.5)
+    source = data["pixels"][0][row0 : row0 + values.shape[0], col0 : col0 + values.shape[1]]
+    assert np.abs(values.astype(int) - expected_probability(source)).max() <= 1
+
+
+def test_reprojects_the_canvas_extent_and_resamples_to_the_model_resolution(qgis_iface, scene, data):
+    # A geographic canvas showing the whole scene; the model asks for 1 m pixels (the scene has 0.5 m).
+    _show(qgis_iface.mapCanvas(), QgsRectangle(14.9, 45.0, 15.1, 45.2), "EPSG:4326")
+    layer, text = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model_1m"]))
+    assert layer is not None, text
+    assert layer.crs().authid() == "EPSG:32633"
+    values, transform = _read(layer.source())
+    assert transform[1] == pytest.approx(1.0)
+    assert values.shape == (50, 60)  # the whole 60 m x 50 m scene at 1 m
+    assert layer.extent().toString(1) == scene.extent().toString(1)
+
+
+def test_nodata_stays_masked(qgis_iface, scene, data):
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    layer, _ = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
+    dataset = gdal.Open(layer.source())
+    mask = dataset.GetRasterBand(1).GetMaskBand().ReadAsArray()
+    values = dataset.GetRasterBand(1).ReadAsArray()
+    dataset = None
+    assert (mask[:10, :10] == 0).all() and (mask[10:, 10:] == 255).all()
+    assert (values[:10, :10] == 0).all()
+
+
+def test_repeated_runs_replace_the_result_unless_kept(qgis_iface, scene, data):
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    segmenter = ExtentSegmenter(qgis_iface)
+    first, _ = _run(segmenter, model_path=str(data["model"]))
+    first_id = first.id()
+    second, _ = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
+    project = QgsProject.instance()
+    assert project.mapLayer(first_id) is None and project.mapLayer(second.id()) is not None
+    settings.set_user_value(KEEP_KEY, "true")
+    third, _ = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
+    assert project.mapLayer(second.id()) is not None and project.mapLayer(third.id()) is not None
+    group = project.layerTreeRoot().findGroup(GROUP)
+    assert [node.layerId() for node in group.findLayers()][:2] == [third.id(), second.id()]  # newest on top
+    # Results are never picked as the layer to segment.
+    qgis_iface.setActiveLayer(third)
+    assert default_layer(project, third) is scene
+
+
+def test_clear_messages_when_it_cannot_run(qgis_iface, scene, data, tmp_path):
+    canvas = qgis_iface.mapCanvas()
+    _show(canvas, QgsRectangle(600_000, 5_100_000, 600_100, 5_100_100))  # far away from the scene
+    segmenter = ExtentSegmenter(qgis_iface)
+    texts = []
+    segmenter.finished.connect(lambda layer, text: texts.append(text))
+    assert not segmenter.run(model_path=str(data["model"]))
+    assert "does not overlap the layer scene" in texts[-1]
+    _show(canvas, scene.extent())
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    assert not segmenter.run(model_path=str(broken))
+    assert "not a usable ONNX model" in texts[-1]
+    with pytest.raises(segment.SegmentError, match="has 3 bands, the model needs 4"):
+        segment.check_bands(scene, 4)
+
+
+def test_toolbar_action_and_dock_button(qgis_iface, scene, data):
+    """The plugin's action (toolbar, menu, Ctrl+Alt+R) runs with the model chosen with "Use this model"."""
+    settings.set_selected_model(str(data["model"]))
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    plugin = road_sslkd_plugin.classFactory(qgis_iface)
+    plugin.initGui()
+    try:
+        assert plugin.segment_action.shortcut().toString() == "Ctrl+Alt+R"
+        plugin.keep_action.setChecked(True)  # the menu's "Keep Earlier Segmentations" is the setting
+        assert settings.user_value(KEEP_KEY) == "true"
+        plugin.keep_action.setChecked(False)
+        plugin.show_dock(True)
+        assert plugin.dock.segment_button.defaultAction() is plugin.segment_action
+        results = []
+        plugin.segment_action.trigger()
+        plugin.segmenter.finished.connect(lambda layer, text: results.append(layer))
+        assert wait_until(lambda: results, 60)
+        assert results[0] is not None and results[0].isValid()
+    finally:
+        plugin.unload()
+
+
+def test_only_the_onnx_engine_of_the_backend_is_imported(qgis_iface, scene, data):
+    """In-process segmentation loads road_sslkd's numpy + onnxruntime modules, never torch or training code."""
+    import sys
+
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    layer, text = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
+    assert layer is not None, text
+    loaded = {name for name in sys.modules if name == "road_sslkd" or name.startswith("road_sslkd.")}
+    assert loaded <= {"road_sslkd", "road_sslkd.onnx_runtime", "road_sslkd.engine", "road_sslkd.events"}
+    assert "torch" not in sys.modules and "rasterio" not in sys.modules
