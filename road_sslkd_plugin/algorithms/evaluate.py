@@ -8,7 +8,6 @@ from typing import Any, Optional
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -17,37 +16,24 @@ from qgis.core import (
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterString,
 )
-from qgis.PyQt.QtGui import QIcon
 
 from ..core.results import model_label
-from ..resources import icon_path
+from .base import RoadAlgorithm
 from .train import _file_path
 
 
-class EvaluateAlgorithm(QgsProcessingAlgorithm):
+class EvaluateAlgorithm(RoadAlgorithm):
     RUN = "RUN"
     IMAGES = "TEST_IMAGES"
     MASKS = "TEST_MASKS"
     MODELS = "MODELS"
     METRICS = "METRICS"
 
-    def createInstance(self) -> EvaluateAlgorithm:  # noqa: N802
-        return EvaluateAlgorithm()
-
     def name(self) -> str:
         return "evaluate"
 
     def displayName(self) -> str:  # noqa: N802
         return "Evaluate road models"
-
-    def group(self) -> str:
-        return "Training"
-
-    def groupId(self) -> str:  # noqa: N802
-        return "training"
-
-    def icon(self) -> QIcon:
-        return QIcon(icon_path())
 
     def shortHelpString(self) -> str:  # noqa: N802
         return (

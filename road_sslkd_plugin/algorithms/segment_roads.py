@@ -12,7 +12,6 @@ import tempfile
 from typing import Any, Optional
 
 from qgis.core import (
-    QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -25,10 +24,9 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsRasterLayer,
 )
-from qgis.PyQt.QtGui import QIcon
 
 from ..core import segment, settings
-from ..resources import icon_path
+from .base import RoadAlgorithm
 
 MAX_PIXELS = 250_000_000  # whole rasters larger than this: `road-sslkd predict` streams them from disk
 
@@ -48,7 +46,8 @@ class _Styler(QgsProcessingLayerPostProcessorInterface):
 _STYLERS: list[_Styler] = []  # Processing keeps only a C++ pointer: Python must keep the objects alive
 
 
-class SegmentRoadsAlgorithm(QgsProcessingAlgorithm):
+class SegmentRoadsAlgorithm(RoadAlgorithm):
+    GROUP = "Segmentation"
     INPUT = "INPUT"
     MODEL = "MODEL"
     EXTENT = "EXTENT"
@@ -63,23 +62,11 @@ class SegmentRoadsAlgorithm(QgsProcessingAlgorithm):
         self._provider: Any = None
         self._styles: dict[str, bool] = {}  # written output path -> binary style
 
-    def createInstance(self) -> SegmentRoadsAlgorithm:  # noqa: N802
-        return SegmentRoadsAlgorithm()
-
     def name(self) -> str:
         return "segment_roads"
 
     def displayName(self) -> str:  # noqa: N802
         return "Segment roads"
-
-    def group(self) -> str:
-        return "Segmentation"
-
-    def groupId(self) -> str:  # noqa: N802
-        return "segmentation"
-
-    def icon(self) -> QIcon:
-        return QIcon(icon_path())
 
     def shortHelpString(self) -> str:  # noqa: N802
         return (

@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -23,10 +22,9 @@ from qgis.core import (
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
 )
-from qgis.PyQt.QtGui import QIcon
 
 from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
-from ..resources import icon_path
+from .base import RoadAlgorithm
 
 
 def _file_path(layer: Any) -> str:
@@ -38,7 +36,7 @@ def _file_path(layer: Any) -> str:
     return path
 
 
-class TrainAlgorithm(QgsProcessingAlgorithm):
+class TrainAlgorithm(RoadAlgorithm):
     IMAGES = "LABELLED_IMAGES"
     LABELS = "LABELS"
     UNLABELLED = "UNLABELLED"
@@ -50,23 +48,11 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
     REPORT = "REPORT"
     METRICS = "METRICS"
 
-    def createInstance(self) -> TrainAlgorithm:  # noqa: N802
-        return TrainAlgorithm()
-
     def name(self) -> str:
         return "train"
 
     def displayName(self) -> str:  # noqa: N802
         return "Train SSLKD road model"
-
-    def group(self) -> str:
-        return "Training"
-
-    def groupId(self) -> str:  # noqa: N802
-        return "training"
-
-    def icon(self) -> QIcon:
-        return QIcon(icon_path())
 
     def shortHelpString(self) -> str:  # noqa: N802
         return (
