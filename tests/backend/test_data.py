@@ -5,6 +5,7 @@ import pyogrio.raw
 import pytest
 import rasterio
 import shapely
+import torch
 from rasterio.transform import from_origin
 
 from road_sslkd import data
@@ -89,6 +90,22 @@ def test_normaliser_and_crops(tmp_path):
     # A crop larger than the raster is padded and the padding marked invalid.
     assert batch["valid"][:, :50, :40].all() and not batch["valid"][:, 50:, :].any()
     assert set(np.unique(batch["label"].numpy())) <= {0.0, 1.0}
+
+
+def test_teacher_targets_are_cropped_with_the_image(tmp_path):
+    rng = np.random.default_rng(2)
+    image = _write(tmp_path / "img.tif", rng.integers(0, 255, (3, 80, 70), dtype=np.uint8))
+    truth = (rng.random((80, 70)) > 0.7).astype(np.uint8)
+    raster = Raster(image, [1, 2, 3])
+    label = Label(Pair(image, _write(tmp_path / "mask.tif", truth)), raster, 1.0)
+    plain = CropSampler([raster], [label], crop=32, normalizer=Normalizer.fit([raster]), seed=5)
+    # Two "teachers": one that reproduces the labels exactly, one that is their negative.
+    sampler = plain.with_targets([[truth * 255], [(1 - truth) * 255]])
+    batch, same = sampler.sample(4), plain.sample(4)
+    assert torch.equal(batch["image"], same["image"])  # same seed, same crops as the sampler it came from
+    assert batch["targets"].shape == (4, 2, 32, 32)
+    assert torch.equal(batch["targets"][:, 0], batch["label"])
+    assert torch.equal(batch["targets"][:, 1], 1 - batch["label"])
 
 
 def test_parse_pair_handles_windows_drives():

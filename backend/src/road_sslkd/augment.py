@@ -51,6 +51,16 @@ def cutmix_boxes(b: int, h: int, w: int, device: torch.device, p: float = 0.5) -
 
 
 def mix(a: torch.Tensor, boxes: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Paste, inside each sample's box, the pixels of sample ``perm[i]`` (images (B,C,H,W) or maps (B,H,W))."""
+    """Paste, inside each sample's box, the pixels of sample ``perm[i]`` ((B,C,H,W) stacks or (B,H,W) maps)."""
     mask = boxes if a.dim() == 3 else boxes[:, None]
     return torch.where(mask, a[perm], a)
+
+
+def strong_mix(batch: Batch) -> Batch:
+    """A strong view: CutMix across the batch (every entry alike), then photometric changes to the image."""
+    b, _, h, w = batch["image"].shape
+    boxes = cutmix_boxes(b, h, w, batch["image"].device)
+    perm = torch.randperm(b, device=boxes.device)
+    out = {key: mix(value, boxes, perm) for key, value in batch.items()}
+    out["image"] = strong(out["image"])
+    return out

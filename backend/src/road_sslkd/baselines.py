@@ -41,12 +41,10 @@ class UniMatchStage(Stage):
         fp_logits, _ = self.model.forward_features(weak_img, feature_dropout=0.5)
         target, weight = pseudo_label(prob)
         unsup = 0.5 * seg_loss(fp_logits, target, valid, weight)
-        b, _, h, w = weak_img.shape
+        pseudo = {"image": weak_img, "targets": prob[:, None], "valid": valid}
         for _ in range(2):  # two independently perturbed strong views
-            boxes = augment.cutmix_boxes(b, h, w, weak_img.device)
-            perm = torch.randperm(b, device=boxes.device)
-            strong = augment.strong(augment.mix(weak_img, boxes, perm))
-            t, wt = pseudo_label(augment.mix(prob, boxes, perm))
-            unsup = unsup + 0.25 * seg_loss(self.model(strong), t, augment.mix(valid, boxes, perm), wt)
+            view = augment.strong_mix(pseudo)
+            t, wt = pseudo_label(view["targets"][:, 0])
+            unsup = unsup + 0.25 * seg_loss(self.model(view["image"]), t, view["valid"], wt)
         loss = sup + rampup(self.progress) * self.ctx.config.w_unsup * unsup
         return {"loss": loss, "loss_sup": sup.detach(), "loss_unsup": unsup.detach()}

@@ -90,31 +90,24 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
     return models, first_run
 
 
-def figures(run: RunDir, names: list[str], out: Path, device_name: str, examples: int = 3) -> list[Path]:
-    """Training curves, precision-recall curves and test overlays of one run, as PNGs in ``out``."""
+def figures(run: RunDir, names: list[str], out: Path, examples: int = 3) -> list[Path]:
+    """Training curves, precision-recall curves and test overlays of one run, as PNGs in ``out``.
+
+    Everything comes from what the run's evaluation kept (RunDir.save_evaluation): nothing is predicted again.
+    """
     import rasterio
 
     from .data import LabelledSet
-    from .evaluate import predict_raster, torch_infer
-    from .plots import PRAccumulator, plot_curves, plot_examples, plot_pr
-    from .trainer import pick_device
+    from .plots import plot_curves, plot_examples, plot_pr
 
-    cfg, device = run.config, pick_device(device_name)
-    items = LabelledSet(run.dataset.test, cfg.bands, cfg.label_width).items
-    truths = [label.read(0, 0, r.height, r.width) for r, label in items]
+    cfg = run.config
+    items = LabelledSet(run.dataset.test[:examples], cfg.bands, cfg.label_width).items
+    truths = [label.read(0, 0, r.height, r.width) == 1 for r, label in items]
     pr, shown = {}, {}
     for name in names:
-        events.progress("figures", names.index(name), len(names), model=name)
-        model = run.load_model(name).to(device).eval()
-        acc, probs = PRAccumulator(), []
-        for (raster, _), truth in zip(items, truths):
-            prob, valid = predict_raster(torch_infer(model, device), raster, run.normalizer, cfg.tile, cfg.overlap)
-            acc.update(prob, truth == 1, valid & (truth != 255))
-            if len(probs) < examples:
-                probs.append(prob)
-        pr[name] = acc
+        pr[name], probs = run.load_evaluation(name)
         if name.startswith("student"):
-            shown[name] = probs
+            shown[name] = probs[:examples]
     rgbs = []
     for pair in run.dataset.test[:examples]:
         with rasterio.open(pair.image) as ds:
@@ -124,7 +117,7 @@ def figures(run: RunDir, names: list[str], out: Path, device_name: str, examples
     return [
         plot_curves(curves, metric, out / "curves.png"),
         plot_pr(pr, out / "precision_recall.png"),
-        plot_examples(rgbs, [t[: r.shape[0], : r.shape[1]] == 1 for t, r in zip(truths, rgbs)], shown,
+        plot_examples(rgbs, [t[: r.shape[0], : r.shape[1]] for t, r in zip(truths, rgbs)], shown,
                       out / "examples.png"),
     ]
 
@@ -177,7 +170,7 @@ def _run(args: argparse.Namespace) -> None:
     work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
     models, first_run = run_bench(args.data, cfg, seeds, work, args.device, args.command_line)
     args.out.mkdir(parents=True, exist_ok=True)
-    pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out, args.device)
+    pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out)
     report = {
         "dataset": dataset, "preset": cfg.preset, "seeds": seeds,
         "command": args.command_line,

@@ -25,6 +25,7 @@ COMMANDS = {
     "export": ("road_sslkd.export", "export a trained model of a run to ONNX"),
     "predict": ("road_sslkd.predict", "segment roads in rasters with an ONNX model"),
     "bench": ("road_sslkd.bench", "compare students and teachers on a dataset"),
+    "ablate": ("road_sslkd.ablation", "retrain the SSLKD student with one setting changed per variant"),
     "bench-inference": ("road_sslkd.bench_inference", "measure ONNX and torch inference speed and memory"),
     "demo-data": ("road_sslkd.demo_data", "write a small synthetic dataset"),
     "demo": ("road_sslkd.demo", "the whole job on embedded synthetic data, in minutes"),

@@ -18,8 +18,8 @@ class Config:
     stages: list[str] = field(
         default_factory=lambda: ["teacher_a", "teacher_b", "teachers_ssl", "student_sslkd"]
     )
-    teacher_a: str = "deeplabv3plus-resnet50"
-    teacher_b: str = "unet-resnet34"
+    teacher_a: str = "unet-resnet34"
+    teacher_b: str = "linknet-resnet34"
     student: str = "deeplabv3plus-mobilenet_v2"
     weights: str = "imagenet"  # "imagenet", "none" or a local state-dict file
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -27,16 +27,20 @@ class Config:
     crop: int = 128
     batch: int = 8
     batch_unlabelled: int = 8
+    # Optimiser steps are over batch crops; each rank and micro-step gets batch / (processes x accumulate).
+    accumulate: int = 1  # gradient accumulation: a small GPU reaches a preset's batch in several passes
     # Optimisation steps per stage; "steps_scale" multiplies them all (the dock's "training length").
     steps: dict[str, int] = field(
-        default_factory=lambda: {"teacher": 150, "teachers_ssl": 100, "student": 150}
+        default_factory=lambda: {"teacher": 300, "teachers_ssl": 100, "student": 300}
     )
     steps_scale: float = 1.0
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup: int = 15
-    # Student losses: L = sup + w_feat * feat + w_prob * prob + w_unsup * pseudo.
-    w_feat: float = 1.0
+    # Student losses: L = sup + w_prob * prob + w_unsup * pseudo + w_feat * feat (docs/method.md).
+    student_teachers: list[str] = field(default_factory=lambda: ["a", "b"])  # the ensemble: a, b or both
+    w_feat: float = 0.0
+    confidence: str = "weight"  # how the student weighs pseudo-labels: one of CONFIDENCE (losses.pseudo_label)
     w_prob: float = 1.0
     w_unsup: float = 1.0
     temperature: float = 2.0
@@ -57,6 +61,8 @@ class Config:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+
+CONFIDENCE = ("weight", "threshold", "none")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: the same code paths as the real presets, on test-sized networks.
@@ -101,7 +107,10 @@ def make_config(preset: str, config_file: Path | None = None, **overrides: Any) 
         cfg = replace(cfg, **data)
     given = {k: v for k, v in overrides.items() if v is not None}
     _known(given, "the command line")
-    return replace(cfg, **given)
+    cfg = replace(cfg, **given)
+    if cfg.confidence not in CONFIDENCE:
+        raise UserError(f"unknown confidence '{cfg.confidence}'", f"choose one of: {', '.join(CONFIDENCE)}")
+    return cfg
 
 
 def load_config(path: Path) -> Config:

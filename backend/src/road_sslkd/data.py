@@ -275,20 +275,30 @@ class LabelledSet:
 
 
 class CropSampler:
-    """Random square crops (the same size for all, padded as invalid where a raster is smaller)."""
+    """Random square crops (the same size for all, padded as invalid where a raster is smaller).
+
+    With ``targets`` (per teacher, one uint8 probability map per raster, see targets.py) a batch also holds
+    the teachers' cached outputs for the same pixels as "targets" (B, teachers, H, W) in 0..1.
+    """
 
     def __init__(self, rasters: list[Raster], labels: Optional[list[Label]], crop: int, normalizer: Normalizer,
-                 seed: int) -> None:
+                 seed: int, targets: Optional[list[list[np.ndarray]]] = None) -> None:
         self.rasters, self.labels, self.crop, self.normalizer = rasters, labels, crop, normalizer
+        self.seed, self.targets = seed, targets
         areas = np.array([r.height * r.width for r in rasters], dtype=np.float64)
         self.weights = areas / areas.sum()
         self.rng = np.random.default_rng(seed)
+
+    def with_targets(self, targets: list[list[np.ndarray]]) -> CropSampler:
+        """The same crops (same seed) with teacher targets attached."""
+        return CropSampler(self.rasters, self.labels, self.crop, self.normalizer, self.seed, targets)
 
     def sample(self, batch: int) -> dict[str, torch.Tensor]:
         c = self.crop
         images = np.zeros((batch, len(self.rasters[0].bands), c, c), np.float32)
         labels = np.zeros((batch, c, c), np.float32)
         valid = np.zeros((batch, c, c), bool)
+        targets = np.zeros((batch, len(self.targets), c, c), np.float32) if self.targets else None
         for i in range(batch):
             k = self.rng.choice(len(self.rasters), p=self.weights)
             raster = self.rasters[k]
@@ -301,10 +311,15 @@ class CropSampler:
                 lab = self.labels[k].read(y, x, h, w)
                 ok = ok & (lab != 255)
                 labels[i, :h, :w] = lab == 1
+            if targets is not None:
+                for t, maps in enumerate(self.targets):
+                    targets[i, t, :h, :w] = maps[k][y : y + h, x : x + w] / np.float32(255)
             valid[i, :h, :w] = ok
         out = {"image": torch.from_numpy(images), "valid": torch.from_numpy(valid)}
         if self.labels is not None:
             out["label"] = torch.from_numpy(labels)
+        if targets is not None:
+            out["targets"] = torch.from_numpy(targets)
         return out
 
     def state(self) -> dict:

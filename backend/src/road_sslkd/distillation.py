@@ -1,10 +1,12 @@
-"""The SSLKD student: L = L_sup + w_feat L_feat + w_prob L_prob + w_unsup L_unsup (Ma et al., 2024).
+"""The SSLKD student: L = L_sup + w_prob L_prob + w_unsup L_unsup + w_feat L_feat (after Ma et al., 2024).
 
-Two frozen teachers of different architectures form an ensemble. On labelled crops the student learns the
-labels and the teachers' features (through a 1x1 adapter per teacher) and temperature-softened
-probabilities; on unlabelled crops it sees a strong view and learns the same feature and probability
-targets plus the ensemble's confidence-weighted hard pseudo-labels, computed on the weak view.
-Without unlabelled data (``student_kd``) it is plain knowledge distillation.
+The frozen teachers form an ensemble (mean probability). On labelled crops the student learns the labels
+and the ensemble's temperature-softened probabilities; on unlabelled crops it sees a strong view (CutMix +
+photometric) and learns the same soft targets plus the ensemble's confidence-weighted hard pseudo-labels.
+Teacher outputs come from the cache of targets.py, so a step costs two student passes and no teacher pass.
+Feature distillation (1x1 adapter per teacher onto its decoder features) needs the teachers' features for
+the student's exact view, so it runs the teachers online and only when ``w_feat`` > 0: docs/method.md
+explains why it is off by default. Without unlabelled data (``student_kd``) this is plain distillation.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import torch
 from torch import nn
 
 from . import augment
+from .data import CropSampler
 from .losses import feature_distill, prob_distill, pseudo_label, seg_loss
 from .models import SegModel, build_model
-from .trainer import Context, Stage, rampup
+from .targets import attach
+from .trainer import Context, Stage
 
 
 class DistillStage(Stage):
@@ -27,51 +31,52 @@ class DistillStage(Stage):
         super().__init__(ctx)
         self.name, self.uses_unlabelled = name, unlabelled
         self.student = build_model(ctx.config.student, ctx.in_channels, ctx.config.weights)
-        self.teachers = [ctx.run.load_model(t).to(ctx.device).eval() for t in teachers]
+        self._samplers = (attach(ctx, teachers, ctx.labelled),
+                          attach(ctx, teachers, ctx.unlabelled) if unlabelled else None)
+        self.teachers = [ctx.run.load_model(t).to(ctx.device).eval() for t in teachers] if ctx.config.w_feat else []
         for teacher in self.teachers:
             teacher.requires_grad_(False)
         self.adapters = nn.ModuleList(
             nn.Conv2d(self.student.feature_channels, t.feature_channels, 1) for t in self.teachers
         )
 
+    def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:
+        return self._samplers
+
     def trainable(self) -> dict[str, nn.Module]:
-        return {self.name: self.student, f"{self.name}_adapters": self.adapters}
+        modules: dict[str, nn.Module] = {self.name: self.student}
+        if self.teachers:
+            modules[f"{self.name}_adapters"] = self.adapters
+        return modules
 
     def outputs(self) -> dict[str, SegModel]:
         return {self.name: self.student}
 
-    def _teach(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Ensemble logit (logit of the mean probability) and each teacher's features."""
-        with torch.no_grad():
-            outs = [t.forward_features(images) for t in self.teachers]
-            prob = torch.stack([torch.sigmoid(o[0].float()) for o in outs]).mean(0)
-        return torch.logit(prob.clamp(1e-5, 1 - 1e-5)), [o[1] for o in outs]
-
-    def _distill(self, s_logits: torch.Tensor, s_feat: torch.Tensor, t_logits: torch.Tensor,
-                 t_feats: list[torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.ctx.config
-        feat = sum(feature_distill(a(s_feat), f) for a, f in zip(self.adapters, t_feats)) / len(t_feats)
-        prob = prob_distill(s_logits, t_logits, valid, cfg.temperature)
-        return feat, prob
+    def _student(self, view: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student logits on a view and its distillation terms against the teachers."""
+        logits, features = self.student.forward_features(view["image"])
+        teacher_prob = view["targets"].mean(1)
+        teacher_logits = torch.logit(teacher_prob.clamp(1e-3, 1 - 1e-3))
+        terms = {"loss_prob": prob_distill(logits, teacher_logits, view["valid"], self.ctx.config.temperature)}
+        if self.teachers:
+            with torch.no_grad():
+                t_feats = [t.forward_features(view["image"])[1] for t in self.teachers]
+            terms["loss_feat"] = sum(feature_distill(a(features), f) for a, f in zip(self.adapters, t_feats)) / len(
+                t_feats)
+        return logits, terms
 
     def losses(self, lab: dict, unl: Optional[dict]) -> dict[str, torch.Tensor]:
         cfg = self.ctx.config
         lab = augment.weak(lab)
-        s_logits, s_feat = self.student.forward_features(lab["image"])
-        t_logits, t_feats = self._teach(lab["image"])
-        sup = seg_loss(s_logits, lab["label"], lab["valid"])
-        feat, prob = self._distill(s_logits, s_feat, t_logits, t_feats, lab["valid"])
-        terms = {"loss_sup": sup, "loss_feat": feat, "loss_prob": prob}
+        logits, terms = self._student(lab)
+        terms["loss_sup"] = seg_loss(logits, lab["label"], lab["valid"])
         if self.uses_unlabelled:
-            unl = augment.weak(unl)
-            t_logits, t_feats = self._teach(unl["image"])
-            # Photometric-only strong view: pixels stay aligned with the teachers' weak-view targets.
-            s_logits, s_feat = self.student.forward_features(augment.strong(unl["image"]))
-            feat_u, prob_u = self._distill(s_logits, s_feat, t_logits, t_feats, unl["valid"])
-            target, weight = pseudo_label(torch.sigmoid(t_logits)[:, 0])
-            terms["loss_feat"] = (feat + feat_u) / 2
-            terms["loss_prob"] = (prob + prob_u) / 2
-            terms["loss_unsup"] = rampup(self.progress) * seg_loss(s_logits, target, unl["valid"], weight)
-        loss = (terms["loss_sup"] + cfg.w_feat * terms["loss_feat"] + cfg.w_prob * terms["loss_prob"]
-                + cfg.w_unsup * terms.get("loss_unsup", 0.0))
+            view = augment.strong_mix(augment.weak(unl))
+            logits_u, terms_u = self._student(view)
+            for key, value in terms_u.items():
+                terms[key] = (terms[key] + value) / 2
+            target, weight = pseudo_label(view["targets"].mean(1), cfg.confidence)
+            terms["loss_unsup"] = seg_loss(logits_u, target, view["valid"], weight)
+        loss = (terms["loss_sup"] + cfg.w_prob * terms["loss_prob"] + cfg.w_unsup * terms.get("loss_unsup", 0.0)
+                + cfg.w_feat * terms.get("loss_feat", 0.0))
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}

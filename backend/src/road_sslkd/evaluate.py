@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -34,22 +34,31 @@ def predict_raster(infer: Callable[[np.ndarray], np.ndarray], raster: Raster, no
     return prob, valid
 
 
+Observer = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+"""``observe(index, probability, road, known)`` sees each evaluated raster (the benchmark's figures use it)."""
+
+
 def evaluate_items(infer: Callable[[np.ndarray], np.ndarray], items: list[tuple[Raster, Label]],
-                   normalizer: Normalizer, tile: int, overlap_percent: int, threshold: float = 0.5) -> RoadMetrics:
+                   normalizer: Normalizer, tile: int, overlap_percent: int, threshold: float = 0.5,
+                   observe: Optional[Observer] = None) -> RoadMetrics:
     metrics = RoadMetrics()
-    for raster, label in items:
+    for index, (raster, label) in enumerate(items):
         prob, valid = predict_raster(infer, raster, normalizer, tile, overlap_percent)
         truth = label.read(0, 0, raster.height, raster.width)
-        metrics.update(prob >= threshold, truth == 1, valid & (truth != 255))
+        road, known = truth == 1, valid & (truth != 255)
+        metrics.update(prob >= threshold, road, known)
+        if observe is not None:
+            observe(index, prob, road, known)
     return metrics
 
 
 def evaluate_model(model: torch.nn.Module, items: list[tuple[Raster, Label]], normalizer: Normalizer,
-                   tile: int, overlap_percent: int, device: torch.device) -> RoadMetrics:
+                   tile: int, overlap_percent: int, device: torch.device,
+                   observe: Optional[Observer] = None) -> RoadMetrics:
     was_training = model.training
     model.eval()
     try:
-        return evaluate_items(torch_infer(model, device), items, normalizer, tile, overlap_percent)
+        return evaluate_items(torch_infer(model, device), items, normalizer, tile, overlap_percent, observe=observe)
     finally:
         model.train(was_training)
 

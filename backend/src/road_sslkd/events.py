@@ -12,10 +12,11 @@ import math
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 log = logging.getLogger("road_sslkd")
 _lock = threading.Lock()
+_redirect: Optional[Callable[[str, dict[str, Any]], bool]] = None
 
 
 class UserError(Exception):
@@ -25,6 +26,9 @@ class UserError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.message, self.hint)  # keeps the hint across processes (predict --workers)
 
 
 class Cancelled(Exception):
@@ -47,8 +51,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def redirect(handler: Optional[Callable[[str, dict[str, Any]], bool]]) -> None:
+    """Offer every event to ``handler(event, fields)`` first; True means it took the event off stdout.
+
+    Other ranks of a distributed run drop theirs; predict's worker processes pass theirs to the parent.
+    """
+    global _redirect
+    _redirect = handler
+
+
 def emit(event: str, **fields: Any) -> None:
     """Write one event line to stdout and flush, so a reading process sees it at once."""
+    if _redirect is not None and _redirect(event, fields):
+        return
     line = json.dumps({"event": event, "time": round(time.time(), 3), **_clean(fields)})
     with _lock:
         sys.stdout.write(line + "\n")

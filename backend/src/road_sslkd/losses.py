@@ -42,9 +42,18 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return bce(logits, target, valid, weight) + dice(logits, target, valid, weight)
 
 
-def pseudo_label(prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard pseudo-label and its confidence weight |2p - 1| (0 at p = 0.5, 1 when certain)."""
-    return (prob > 0.5).float(), (2.0 * prob - 1.0).abs()
+def pseudo_label(prob: torch.Tensor, confidence: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo-label and its per-pixel weight.
+
+    "weight": |2p - 1| (0 at p = 0.5, 1 when certain), which keeps the rare, less certain road pixels in
+    play; "threshold": 1 where p <= 0.1 or p >= 0.9, else 0 (FixMatch-style); "none": 1 everywhere.
+    """
+    certainty = (2.0 * prob - 1.0).abs()
+    if confidence == "threshold":
+        certainty = (certainty >= 0.8).float()
+    elif confidence == "none":
+        certainty = torch.ones_like(prob)
+    return (prob > 0.5).float(), certainty
 
 
 def prob_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor,

@@ -42,9 +42,11 @@ REGISTRY: dict[str, Architecture] = {
     # The paper's teacher pair (GPU preset): DeepLabV3+ ResNet-101 and a VGG-16 encoder-decoder.
     "deeplabv3plus-resnet101": Architecture("DeepLabV3Plus", "resnet101", "teacher"),
     "unet-vgg16": Architecture("Unet", "vgg16_bn", "teacher"),
-    # CPU-sized teachers: still about 5x a student's parameters, with different decoders.
-    "deeplabv3plus-resnet50": Architecture("DeepLabV3Plus", "resnet50", "teacher"),
+    # CPU-sized teachers: about 5x a student's parameters, with different decoders; both decode to full
+    # resolution, which thin roads need (LinkNet is the basis of D-LinkNet, a road-extraction classic).
     "unet-resnet34": Architecture("Unet", "resnet34", "teacher"),
+    "linknet-resnet34": Architecture("Linknet", "resnet34", "teacher"),
+    "deeplabv3plus-resnet50": Architecture("DeepLabV3Plus", "resnet50", "teacher"),
     "unet-resnet18": Architecture("Unet", "resnet18", "teacher"),
     # Students (4-7 M parameters).
     "deeplabv3plus-mobilenet_v2": Architecture("DeepLabV3Plus", "mobilenet_v2", "student"),

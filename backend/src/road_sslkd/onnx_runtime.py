@@ -199,8 +199,8 @@ def _cuda_driver_present() -> bool:
     return True
 
 
-def _cuda_session(path: Path, options: ort.SessionOptions) -> Optional[ort.InferenceSession]:
-    """A session on CUDA, or None when the CUDA provider does not start."""
+def _cuda_session(path: Path, options: ort.SessionOptions, gpu: int) -> Optional[ort.InferenceSession]:
+    """A session on CUDA device ``gpu``, or None when the CUDA provider does not start."""
     preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
     if preload is not None:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints notes, and stdout carries JSON events
@@ -208,19 +208,20 @@ def _cuda_session(path: Path, options: ort.SessionOptions) -> Optional[ort.Infer
     # A failing CUDA provider prints several lines and quietly falls back to the CPU: silence it, say it once.
     ort.set_default_logger_severity(4)
     try:
-        session = _session(path, options, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        session = _session(path, options, [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"])
     finally:
         ort.set_default_logger_severity(2)
     return session if "CUDAExecutionProvider" in session.get_providers() else None
 
 
 def create_session(
-    path: Union[str, Path], provider: str = "auto", threads: Optional[int] = None
+    path: Union[str, Path], provider: str = "auto", threads: Optional[int] = None, gpu: int = 0
 ) -> tuple[ort.InferenceSession, list[str]]:
     """An onnxruntime session on CUDA when asked for (or ``auto``) and working, else on the CPU.
 
     Returns the session and the messages for the user: one line when CUDA was asked for, or when ``auto``
-    found a GPU driver but CUDA did not start. ``threads`` sets the CPU thread count (None: all cores).
+    found a GPU driver but CUDA did not start. ``threads`` sets the CPU thread count (None: all cores);
+    ``gpu`` is the CUDA device number.
     """
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -238,7 +239,7 @@ def create_session(
     elif not _cuda_driver_present():
         reason, worth_saying = "no NVIDIA driver was found", False
     else:
-        session = _cuda_session(path, options)
+        session = _cuda_session(path, options, gpu)
         if session is not None:
             return session, []
         reason = "it did not start (CUDA or cuDNN libraries missing or not matching, or a GPU fault)"
@@ -383,9 +384,9 @@ class OnnxSegmenter:
 
 
 def load_model(
-    path: Union[str, Path], provider: str = "auto", threads: Optional[int] = None
+    path: Union[str, Path], provider: str = "auto", threads: Optional[int] = None, gpu: int = 0
 ) -> OnnxSegmenter:
     """Open an ONNX road model; raises ``UserError`` (message and hint) for anything the user can fix."""
-    session, messages = create_session(path, provider, threads)
+    session, messages = create_session(path, provider, threads, gpu)
     info, warnings = read_model_info(session, str(path))
     return OnnxSegmenter(session, info, messages + warnings, str(path))

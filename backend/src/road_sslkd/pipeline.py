@@ -11,16 +11,20 @@ student_kd               baseline: distillation from the supervised teachers, la
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from . import events
+import numpy as np
+
+from . import distributed, events
 from .config import Config, make_config
 from .data import DatasetSpec, LabelledSet
 from .evaluate import evaluate_model, onnx_throughput
 from .export import export_run_model
 from .models import count_parameters, gflops
+from .plots import PRAccumulator
 from .runs import RunDir, install_stop_handlers, stop_requested
 from .trainer import Context, Stage, build_context, pick_device, run_stage, seed_everything
 
@@ -36,13 +40,22 @@ def _stages() -> dict[str, Callable[[Context], Stage]]:
         "teachers_ssl": CrossModelStage,
         "student_supervised": lambda c: SupervisedStage(c, "student_supervised", c.config.student, "student"),
         "student_ssl": UniMatchStage,
-        "student_kd": lambda c: DistillStage(c, "student_kd", ("teacher_a", "teacher_b"), unlabelled=False),
-        "student_sslkd": lambda c: DistillStage(c, "student_sslkd", ("teacher_a_ssl", "teacher_b_ssl"), True),
+        "student_kd": lambda c: DistillStage(c, "student_kd", _ensemble(c.config, ""), unlabelled=False),
+        "student_sslkd": lambda c: DistillStage(c, "student_sslkd", _ensemble(c.config, "_ssl"), unlabelled=True),
     }
+
+
+def _ensemble(cfg: Config, suffix: str) -> tuple[str, ...]:
+    unknown = set(cfg.student_teachers) - {"a", "b"}
+    if unknown or not cfg.student_teachers:
+        raise events.UserError(f"student_teachers must list 'a' and/or 'b', not {cfg.student_teachers}",
+                               'e.g. "student_teachers": ["a", "b"]')
+    return tuple(f"teacher_{t}{suffix}" for t in cfg.student_teachers)
 
 
 STAGE_NAMES = ("teacher_a", "teacher_b", "teachers_ssl", "student_supervised", "student_ssl", "student_kd",
                "student_sslkd")
+EXAMPLES = 3  # test rasters whose predictions are kept for the report's overlays
 STUDENTS = ("student_sslkd", "student_kd", "student_ssl", "student_supervised")
 
 
@@ -61,13 +74,18 @@ def train(run: RunDir, device_name: str = "auto", command: str = "") -> dict:
     factories = _stages()
     test_items = LabelledSet(run.dataset.test, cfg.bands, cfg.label_width).items if run.dataset.test else []
     for index, name in enumerate(cfg.stages):
-        if stop_requested():
+        if distributed.any_rank(stop_requested()):
             raise events.Cancelled(f"stopped before {name}")
-        seed_everything(cfg.seed * 1000 + index)
-        stage = factories[name](ctx)
+        seed_everything(distributed.rank_seed(cfg.seed * 1000 + index))
+        # Rank 0 builds first: a stage may cache files in the run folder (teacher targets) that others read.
+        stage = distributed.main_first(functools.partial(factories[name], ctx))
         run_stage(stage, ctx)
-        for out_name, model in stage.outputs().items():
-            _describe(run, out_name, model.to(device), ctx, test_items)
+        if distributed.is_main():  # the others wait for rank 0 at the next stage (or at the end)
+            for out_name, model in stage.outputs().items():
+                _describe(run, out_name, model.to(device), ctx, test_items)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 alone exports and reports; the others end with it
+        return run.metrics()
     student = next((s for s in STUDENTS if s in cfg.stages), None)
     if student is not None:
         events.progress("export", 0, 1)
@@ -81,6 +99,7 @@ def train(run: RunDir, device_name: str = "auto", command: str = "") -> dict:
     (run.path / "report.md").write_text(report_markdown(run, metrics, command))
     events.artifact("metrics", run.path / "metrics.json")
     events.artifact("report", run.path / "report.md")
+    distributed.barrier()
     return metrics
 
 
@@ -90,7 +109,16 @@ def _describe(run: RunDir, name: str, model: object, ctx: Context, test_items: l
     values = {"params": count_parameters(model), "gflops": round(gflops(model, len(cfg.bands)), 3)}
     if test_items:
         events.progress("evaluate", 0, 1, model=name)
-        values.update(evaluate_model(model, test_items, ctx.normalizer, cfg.tile, cfg.overlap, ctx.device).summary())
+        pr, examples = PRAccumulator(), []
+
+        def observe(index: int, prob: np.ndarray, road: np.ndarray, known: np.ndarray) -> None:
+            pr.update(prob, road, known)
+            if index < EXAMPLES:
+                examples.append(np.round(prob * 255).astype(np.uint8))
+
+        values.update(evaluate_model(model, test_items, ctx.normalizer, cfg.tile, cfg.overlap, ctx.device,
+                                     observe).summary())
+        run.save_evaluation(name, pr, examples)
         for key in ("iou", "f1"):
             events.metric(f"test_{key}", values[key], stage=name)
     run.update_metrics(name, values)
@@ -185,6 +213,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     install_stop_handlers()
+    distributed.init(pick_device(args.device))  # under torchrun only
     stages = args.stages.split(",") if args.stages else None
     if args.resume:
         run = RunDir.open(args.resume)
@@ -202,8 +231,12 @@ def _run(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             probe = RunDir(Path(tmp), cfg, spec, None)
             build_context(probe, pick_device(args.device))
-        run = RunDir.create(args.out, cfg, spec)
-        run.normalizer = probe.normalizer
-        run.save()
+        if distributed.is_main():
+            run = RunDir.create(args.out, cfg, spec)
+            run.normalizer = probe.normalizer
+            run.save()
+        distributed.barrier()
+        if not distributed.is_main():
+            run = RunDir.open(args.out)
     metrics = train(run, args.device, args.command_line)
     events.emit("done", run_dir=str(run.path), student=str(run.path / "student.onnx"), models=metrics["models"])

@@ -3,20 +3,24 @@
 Rasters stream through ``onnx_runtime`` in strips (rasterio reads and writes), at the model's ground
 resolution: a raster with another resolution is read through a warped VRT at the model's resolution and
 the result warped back onto the raster's own grid. Outputs are written under a temporary name and renamed
-when complete, so an interrupted run never leaves a file that looks finished.
+when complete, so an interrupted run never leaves a file that looks finished. With ``--workers N``, N
+worker processes predict one raster each at a time; the parent reports their events.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import signal
 import tempfile
 import time
 import warnings
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyogrio.raw
@@ -341,7 +345,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bands", help="1-based raster bands to feed the model, e.g. 1,2,3 (default: the first "
                    "N the model takes)")
     p.add_argument("--batch", type=_positive_int, default=4, help="tiles per inference call")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for onnxruntime (default: all cores)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for onnxruntime (default: all cores, "
+                   "shared among the workers)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="rasters predicted at once, each in its "
+                   "own process; with CUDA, worker i uses GPU i (give one worker per GPU)")
     p.add_argument("--provider", choices=PROVIDERS, default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_run)
@@ -360,10 +367,29 @@ def _parse_bands(text: Optional[str], needed: int) -> list[int]:
     return bands
 
 
-def _plan(args: argparse.Namespace, bands: list[int], needed: int) -> list[tuple[Path, Path, Optional[Path]]]:
+@dataclass(frozen=True)
+class Job:
+    """One raster to predict and its outputs."""
+
+    raster: Path
+    probability: Path
+    vector: Optional[Path]
+    index: int  # 1-based position among ``count`` rasters, for progress events
+    count: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    bands: list[int]
+    batch: int
+    threshold: float
+    spur_length: float
+
+
+def _plan(args: argparse.Namespace, bands: list[int], needed: int) -> list[Job]:
     """Check every raster and output before any work, so a bad last raster does not cost an hour."""
     jobs, owners = [], {}
-    for raster in args.rasters:
+    for index, raster in enumerate(args.rasters, 1):
         with _open(raster) as src:
             _check_bands(src, raster, bands, needed)
         probability = args.out / f"{raster.stem}{PROBABILITY_SUFFIX}"
@@ -376,45 +402,123 @@ def _plan(args: argparse.Namespace, bands: list[int], needed: int) -> list[tuple
         if existing and not args.overwrite:
             raise UserError(f"{existing[0]} already exists",
                             hint="pass --overwrite to replace it, or choose another --out")
-        jobs.append((raster, probability, vector))
+        jobs.append(Job(raster, probability, vector, index, len(args.rasters)))
     return jobs
 
 
-def _run(args: argparse.Namespace) -> None:
-    model = load_model(args.model, args.provider, args.threads)
+def _predict_job(model: OnnxSegmenter, job: Job, settings: Settings, cancelled: Callable[[], bool]) -> Optional[dict]:
+    """Outputs of one raster (and their events); None when cancelled."""
+    begun = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        eta = (time.monotonic() - begun) / done * (total - done)
+        events.progress("predict", done, total, eta, raster=str(job.raster), raster_index=job.index,
+                        rasters=job.count)
+
+    if not predict_file(model, job.raster, job.probability, settings.bands, settings.batch, progress, cancelled):
+        return None
+    events.artifact("probability", str(job.probability))
+    output: dict[str, Any] = {"raster": str(job.raster), "probability": str(job.probability)}
+    if job.vector is not None:
+        count = write_centrelines(job.probability, job.vector, settings.threshold, settings.spur_length)
+        events.artifact("centrelines", str(job.vector))
+        output.update(centrelines=str(job.vector), lines=count)
+    return output
+
+
+# State of a worker process of ``--workers``: its model and the parent's stop flag.
+_worker: dict[str, Any] = {}
+
+
+def _start_worker(model_path: Path, provider: str, threads: int, messages: Any, halt: Any, counter: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the parent stops us via halt
+    with counter.get_lock():
+        gpu, counter.value = counter.value, counter.value + 1
+    events.redirect(lambda event, fields: messages.put((event, fields)) or True)
+    model = load_model(model_path, provider, threads, gpu)
     for message in model.warnings:
         events.warning(message)
-    events.log.info("model %s on %s: %s", args.model, model.provider, model.info)
+    _worker.update(model=model, halt=halt)
+
+
+def _work(job: Job, settings: Settings) -> tuple[Optional[dict], str]:
+    model = _worker["model"]
+    return _predict_job(model, job, settings, _worker["halt"].is_set), model.provider
+
+
+def _predict_parallel(args: argparse.Namespace, jobs: list[Job], settings: Settings, stop: list[bool],
+                      reported: set[str]) -> tuple[list[Optional[dict]], str]:
+    """Outputs per job (None where cancelled) from a pool of worker processes, and their providers."""
+    workers = min(args.workers, len(jobs))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # onnxruntime's and GDAL's threads do not survive a fork
+    # A SimpleQueue writes before put() returns, so a finished job's events are all readable.
+    messages, halt, counter = context.SimpleQueue(), context.Event(), context.Value("i", 0)
+
+    def relay() -> None:
+        while not messages.empty():
+            event, fields = messages.get()
+            if event == "warning":  # every worker repeats the model's warnings: say each once
+                if fields["message"] in reported:
+                    continue
+                reported.add(fields["message"])
+            events.emit(event, **fields)
+
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(args.model, args.provider, threads, messages, halt, counter))
+    futures: list[Future] = []
+    try:
+        futures = [pool.submit(_work, job, settings) for job in jobs]
+        pending = set(futures)
+        while pending:
+            if stop and not halt.is_set():
+                halt.set()  # running jobs stop at their next strip; queued ones never start
+                for future in futures:
+                    future.cancel()
+            pending = wait(pending, timeout=0.1).not_done
+            relay()
+        relay()
+        results = [(None, "") if f.cancelled() else f.result() for f in futures]
+    finally:
+        halt.set()
+        while not all(f.done() for f in futures):  # keep reading: a worker blocks on a full pipe
+            wait(futures, timeout=0.1)
+            relay()
+        pool.shutdown(cancel_futures=True)
+    return [output for output, _ in results], ",".join(sorted({p for _, p in results if p}))
+
+
+def _run(args: argparse.Namespace) -> None:
+    parallel = args.workers > 1 and len(args.rasters) > 1
+    # With workers, this copy of the model only checks the request; the workers load their own.
+    model = load_model(args.model, "cpu" if parallel else args.provider, 1 if parallel else args.threads)
+    for message in model.warnings:
+        events.warning(message)
+    events.log.info("model %s on %s: %s", args.model, f"{args.workers} workers" if parallel else model.provider,
+                    model.info)
     threshold = model.info.threshold if args.threshold is None else args.threshold
     if not 0 < threshold < 1:
         raise UserError(f"--threshold {threshold} is outside (0, 1)", hint="e.g. --threshold 0.5")
     bands = _parse_bands(args.bands, model.info.bands)
     jobs = _plan(args, bands, model.info.bands)
+    settings = Settings(bands, args.batch, threshold, args.spur_length)
     args.out.mkdir(parents=True, exist_ok=True)
     stop: list[bool] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    start, outputs = time.monotonic(), []
+    start = time.monotonic()
     try:
-        for index, (raster, probability, vector) in enumerate(jobs, 1):
-            begun = time.monotonic()
-
-            def progress(
-                done: int, total: int, raster: Path = raster, begun: float = begun, index: int = index
-            ) -> None:
-                eta = (time.monotonic() - begun) / done * (total - done)
-                events.progress("predict", done, total, eta, raster=str(raster), raster_index=index,
-                                rasters=len(jobs))
-
-            if not predict_file(model, raster, probability, bands, args.batch, progress, lambda: bool(stop)):
-                raise events.Cancelled(f"prediction cancelled during {raster}; no partial output was kept",
-                                       "run the command again")
-            events.artifact("probability", str(probability))
-            output = {"raster": str(raster), "probability": str(probability)}
-            if vector is not None:
-                count = write_centrelines(probability, vector, threshold, args.spur_length)
-                events.artifact("centrelines", str(vector))
-                output.update(centrelines=str(vector), lines=count)
-            outputs.append(output)
+        if parallel:
+            outputs, provider = _predict_parallel(args, jobs, settings, stop, set(model.warnings))
+        else:
+            outputs, provider = [], model.provider
+            for job in jobs:
+                outputs.append(_predict_job(model, job, settings, lambda: bool(stop)))
+                if outputs[-1] is None:
+                    break
     finally:
         signal.signal(signal.SIGTERM, previous)
-    events.emit("done", outputs=outputs, seconds=round(time.monotonic() - start, 1), provider=model.provider)
+    unfinished = [str(job.raster) for job, output in zip(jobs, outputs) if output is None]
+    if unfinished:
+        raise events.Cancelled(f"prediction cancelled, not finished: {', '.join(unfinished)}; no partial output "
+                               "was kept", "run the command again")
+    events.emit("done", outputs=outputs, seconds=round(time.monotonic() - start, 1), provider=provider)

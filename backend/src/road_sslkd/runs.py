@@ -13,13 +13,15 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .config import Config
 from .data import DatasetSpec, Normalizer
 from .events import UserError
 from .models import SegModel, build_model
+from .plots import PRAccumulator
 
 _stop = threading.Event()
 
@@ -39,6 +41,8 @@ def stop_requested() -> bool:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
+    if not distributed.is_main():
+        return  # rank 0 writes the run folder of a distributed run: every rank holds the same state
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -119,6 +123,27 @@ class RunDir:
         model = build_model(saved["arch"], len(self.config.bands), weights="none")
         model.load_state_dict(saved["state_dict"])
         return model
+
+    # -- test predictions kept for figures ------------------------------------------------------------------
+    def save_evaluation(self, name: str, pr: PRAccumulator, examples: list[np.ndarray]) -> None:
+        """A model's test probability histograms and its first test predictions (uint8), for the report."""
+        path = self.path / "evaluation" / f"{name}.npz"
+        path.parent.mkdir(exist_ok=True)
+        arrays = {"road": pr.road, "background": pr.background, **{f"example_{i}": e for i, e in enumerate(examples)}}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: given a name, numpy would append ".npz" to the temporary
+                np.savez_compressed(f, **arrays)
+
+        _atomic_write(path, write)
+
+    def load_evaluation(self, name: str) -> tuple[PRAccumulator, list[np.ndarray]]:
+        """What ``save_evaluation`` kept: the histograms and the example probabilities (0..1)."""
+        with np.load(self.path / "evaluation" / f"{name}.npz") as data:
+            pr = PRAccumulator()
+            pr.road, pr.background = data["road"], data["background"]
+            examples = [data[k] / 255.0 for k in sorted(k for k in data.files if k.startswith("example_"))]
+        return pr, examples
 
     # -- metrics -------------------------------------------------------------------------------------------
     def curves(self) -> dict:

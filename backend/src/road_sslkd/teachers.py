@@ -1,8 +1,10 @@
 """Teachers: supervised warm-up of each, then cross-model semi-supervised training of the pair.
 
-In the cross-model stage each teacher's hard pseudo-labels on a weak view supervise the other teacher's
-prediction on a strong (photometric + CutMix) view, as in CPS but across two different architectures,
-whose different inductive biases make their errors less correlated than two copies of one network.
+In the cross-model stage each teacher's hard pseudo-labels supervise the other teacher's prediction on a
+strong (CutMix + photometric) view of unlabelled crops, as in CPS but across two different architectures,
+whose different inductive biases make their errors less correlated than two copies of one network. The
+pseudo-labels are the warm-up teachers' cached whole-raster predictions (targets.py): computed once, they
+cost no forward pass per step, which is what lets this stage run on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import Optional
 import torch
 
 from . import augment
+from .data import CropSampler
 from .losses import pseudo_label, seg_loss
 from .models import SegModel, build_model
+from .targets import attach
 from .trainer import Context, Stage
 
 
@@ -51,6 +55,10 @@ class CrossModelStage(Stage):
         self.a = ctx.run.load_model(first)
         self.b = ctx.run.load_model(second)
         self.names = (f"{first}_ssl", f"{second}_ssl")
+        self.unlabelled = attach(ctx, (first, second), ctx.unlabelled)
+
+    def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:
+        return self.ctx.labelled, self.unlabelled
 
     def trainable(self) -> dict[str, torch.nn.Module]:
         return dict(zip(self.names, (self.a, self.b)))
@@ -59,20 +67,13 @@ class CrossModelStage(Stage):
         return dict(zip(self.names, (self.a, self.b)))
 
     def losses(self, lab: dict, unl: Optional[dict]) -> dict[str, torch.Tensor]:
-        lab, unl = augment.weak(lab), augment.weak(unl)
+        lab = augment.weak(lab)
+        view = augment.strong_mix(augment.weak(unl))
         sup = sum(seg_loss(m(lab["image"]), lab["label"], lab["valid"]) for m in (self.a, self.b))
-        with torch.no_grad():
-            prob_a = torch.sigmoid(self.a(unl["image"]))[:, 0]
-            prob_b = torch.sigmoid(self.b(unl["image"]))[:, 0]
-        b, _, h, w = unl["image"].shape
-        boxes = augment.cutmix_boxes(b, h, w, unl["image"].device)
-        perm = torch.randperm(b, device=boxes.device)
-        strong = augment.strong(augment.mix(unl["image"], boxes, perm))
-        valid = augment.mix(unl["valid"], boxes, perm)
-        unsup = unl["image"].new_zeros(())
-        # Each teacher learns from the other's pseudo-labels.
-        for student, teacher_prob in ((self.a, prob_b), (self.b, prob_a)):
-            target, weight = pseudo_label(augment.mix(teacher_prob, boxes, perm))
-            unsup = unsup + seg_loss(student(strong), target, valid, weight)
-        loss = sup + self.ctx.config.w_unsup_teacher * unsup
-        return {"loss": loss, "loss_sup": sup.detach(), "loss_cross": unsup.detach()}
+        cross = unl["image"].new_zeros(())
+        # targets[:, 0] is teacher a's output, targets[:, 1] teacher b's: each learns from the other.
+        for model, other in ((self.a, 1), (self.b, 0)):
+            target, weight = pseudo_label(view["targets"][:, other])
+            cross = cross + seg_loss(model(view["image"]), target, view["valid"], weight)
+        loss = sup + self.ctx.config.w_unsup_teacher * cross
+        return {"loss": loss, "loss_sup": sup.detach(), "loss_cross": cross.detach()}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import events
+from . import distributed, events
 from .config import Config
 from .data import CropSampler, Label, LabelledSet, Normalizer, Raster
 from .evaluate import evaluate_model
@@ -26,11 +26,12 @@ from .runs import RunDir, stop_requested
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device for "auto", "cpu", "cuda"...; under torchrun, "cuda" is this rank's own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise events.UserError("CUDA was asked for but torch sees no GPU", "use --device cpu or install CUDA torch")
-    return torch.device(name)
+    return distributed.local_device(torch.device(name))
 
 
 def seed_everything(seed: int) -> None:
@@ -68,6 +69,10 @@ class Stage:
         self.ctx = ctx
         self.progress = 0.0  # fraction of the stage done, set by the loop (for ramp-ups)
 
+    def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:
+        """Labelled and unlabelled crop samplers; stages with cached teacher targets return their own."""
+        return self.ctx.labelled, self.ctx.unlabelled
+
     def trainable(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
@@ -87,7 +92,24 @@ def _lr(cfg: Config, step: int, total: int) -> float:
 
 
 def _to(batch: Optional[dict[str, torch.Tensor]], device: torch.device) -> Optional[dict[str, torch.Tensor]]:
-    return None if batch is None else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if batch is None:
+        return None
+    images = torch.channels_last if device.type == "cuda" else torch.preserve_format  # see run_stage
+    return {k: v.to(device, non_blocking=True, memory_format=images if v.dim() == 4 else torch.preserve_format)
+            for k, v in batch.items()}
+
+
+def _micro_batch(batch: int, cfg: Config) -> int:
+    """Crops per rank and micro-step: ``batch`` is per optimiser step, split over ranks and accumulation."""
+    if cfg.accumulate < 1:
+        raise events.UserError(f"accumulate is {cfg.accumulate}", "set accumulate to 1 (no accumulation) or more")
+    parts = cfg.accumulate * distributed.world_size()
+    if batch % parts:
+        raise events.UserError(
+            f"a batch of {batch} does not split into {cfg.accumulate} accumulation step(s) x "
+            f"{distributed.world_size()} process(es)",
+            f"set batch and batch_unlabelled (--config) to multiples of {parts}, or change accumulate")
+    return batch // parts
 
 
 def rampup(progress: float, length: float = 0.2) -> float:
@@ -106,12 +128,15 @@ def run_stage(stage: Stage, ctx: Context) -> None:
     modules = stage.trainable()
     for module in modules.values():
         module.to(ctx.device).train()
+        if ctx.device.type == "cuda":
+            module.to(memory_format=torch.channels_last)  # NHWC convolutions are faster on tensor cores
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and ctx.device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     total = cfg.stage_steps(stage.step_kind)
+    lab_sampler, unl_sampler = stage.samplers()
     start, elapsed = 0, 0.0
     state = run.load_checkpoint(stage.name)
     if state is not None:
@@ -119,65 +144,79 @@ def run_stage(stage: Stage, ctx: Context) -> None:
             module.load_state_dict(state["modules"][name])
         optimiser.load_state_dict(state["optimiser"])
         scaler.load_state_dict(state["scaler"])
-        ctx.labelled.set_state(state["labelled_rng"])
-        if ctx.unlabelled is not None and state.get("unlabelled_rng"):
-            ctx.unlabelled.set_state(state["unlabelled_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        rngs = state.get("rank_rngs") or [state]  # per rank when a distributed run saved it
+        if distributed.rank() < len(rngs):  # else this rank is new and keeps its own fresh streams
+            rng = rngs[distributed.rank()]
+            lab_sampler.set_state(rng["labelled_rng"])
+            if unl_sampler is not None and rng.get("unlabelled_rng"):
+                unl_sampler.set_state(rng["unlabelled_rng"])
+            torch.set_rng_state(rng["torch_rng"])
         start, elapsed = state["step"], state["elapsed"]
         events.log.info("stage %s resumed at step %d/%d", stage.name, start, total)
 
     def checkpoint(step: int) -> None:
+        rng = {"labelled_rng": lab_sampler.state(),
+               "unlabelled_rng": None if unl_sampler is None else unl_sampler.state(),
+               "torch_rng": torch.get_rng_state()}
+        rank_rngs = distributed.gather(rng)  # every rank's streams, so that resumed ranks stay apart
         run.save_checkpoint(stage.name, {
             "step": step, "elapsed": elapsed + time.monotonic() - t0,
             "modules": {n: m.state_dict() for n, m in modules.items()},
-            "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(),
-            "labelled_rng": ctx.labelled.state(),
-            "unlabelled_rng": None if ctx.unlabelled is None else ctx.unlabelled.state(),
-            "torch_rng": torch.get_rng_state(),
+            "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), **rng,
+            **({"rank_rngs": rank_rngs} if len(rank_rngs) > 1 else {}),
         })
+        distributed.barrier()  # no rank stops (and makes torchrun end the others) before the checkpoint is saved
 
     events.log.info("stage %s: %d steps on %s", stage.name, total, ctx.device)
     t0 = time.monotonic()
     running: dict[str, float] = {}
+    forward = distributed.wrap(modules, stage.losses, ctx.device)
+    lab_batch = _micro_batch(cfg.batch, cfg)
+    unl_batch = _micro_batch(cfg.batch_unlabelled, cfg) if stage.uses_unlabelled else 0
     for step in range(start, total):
-        if stop_requested():
+        if distributed.any_rank(stop_requested()):
             checkpoint(step)
             raise events.Cancelled(f"stopped during {stage.name} at step {step}/{total}; checkpoint saved")
         for group in optimiser.param_groups:
             group["lr"] = _lr(cfg, step, total)
-        lab = _to(ctx.labelled.sample(cfg.batch), ctx.device)
-        unl = _to(ctx.unlabelled.sample(cfg.batch_unlabelled), ctx.device) if stage.uses_unlabelled else None
         stage.progress = step / total
-        with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp):
-            terms = stage.losses(lab, unl)
         optimiser.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
+        for micro in range(cfg.accumulate):  # gradients of the micro-batches add up to the batch's
+            lab = _to(lab_sampler.sample(lab_batch), ctx.device)
+            unl = _to(unl_sampler.sample(unl_batch), ctx.device) if stage.uses_unlabelled else None
+            with distributed.no_sync(forward, skip=micro < cfg.accumulate - 1):
+                with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp):
+                    terms = forward(lab, unl)
+                scaler.scale(terms["loss"] / cfg.accumulate).backward()
+            for key, value in terms.items():
+                running[key] = running.get(key, 0.0) + float(value.detach()) / cfg.accumulate
         scaler.step(optimiser)
         scaler.update()
-        for key, value in terms.items():
-            running[key] = running.get(key, 0.0) + float(value.detach())
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             n = (done - 1) % cfg.log_every + 1
-            means = {key: value / n for key, value in running.items()}
+            means = distributed.mean({key: value / n for key, value in running.items()})
             for key, value in means.items():
                 events.metric(key, value, stage=stage.name, step=done)
             run.add_curve_points(stage.name, done, means)
             running.clear()
             spent = time.monotonic() - t0
             events.progress(stage.name, done, total, eta=spent / (done - start) * (total - done))
-        if ctx.val_items and (done % cfg.val_every == 0 or done == total):
+        if distributed.is_main() and ctx.val_items and (done % cfg.val_every == 0 or done == total):
             model = next(iter(stage.outputs().values()))
             score = evaluate_model(model, ctx.val_items, ctx.normalizer, cfg.tile, cfg.overlap, ctx.device).iou
             events.metric(ctx.val_name, score, stage=stage.name, step=done)
             run.add_curve_points(stage.name, done, {ctx.val_name: score})
         if done % cfg.checkpoint_every == 0 and done < total:
             checkpoint(done)
+    distributed.unwrap(forward)
     seconds = elapsed + time.monotonic() - t0
     for name, model in stage.outputs().items():
         run.save_model(name, model)
         run.update_metrics(name, {"train_seconds": round(seconds, 1)})
-    run.checkpoint_path(stage.name).unlink(missing_ok=True)
+    if distributed.is_main():
+        run.checkpoint_path(stage.name).unlink(missing_ok=True)
+    distributed.barrier()  # later stages read these models from the run folder
 
 
 def build_context(run: RunDir, device: torch.device) -> Context:
@@ -197,7 +236,8 @@ def build_context(run: RunDir, device: torch.device) -> Context:
     val_items = LabelledSet(val_pairs, cfg.bands, cfg.label_width).items if val_pairs else labelled.items
     return Context(
         config=cfg, run=run, device=device,
-        labelled=CropSampler(list(rasters), list(labels), cfg.crop, run.normalizer, cfg.seed),
-        unlabelled=CropSampler(unlabelled, None, cfg.crop, run.normalizer, cfg.seed + 1) if unlabelled else None,
+        labelled=CropSampler(list(rasters), list(labels), cfg.crop, run.normalizer, distributed.rank_seed(cfg.seed)),
+        unlabelled=CropSampler(unlabelled, None, cfg.crop, run.normalizer,
+                               distributed.rank_seed(cfg.seed + 1)) if unlabelled else None,
         normalizer=run.normalizer, val_items=val_items, val_name="val_iou" if val_pairs else "fit_iou",
     )

@@ -1,0 +1,107 @@
+"""`road-sslkd ablate`: what drives the SSLKD student, measured on validation images, never on the test split.
+
+Every variant retrains only the SSLKD student, from the semi-supervised teachers of a finished run (a
+benchmark seed), with one setting changed. The student of every variant trains on the labelled set minus
+``--holdout`` images, which it never sees, and is scored on them (whole images, road IoU). The teachers did
+see those images during their own training, so absolute scores are optimistic; the differences between
+variants are what the table is for. Each variant is an ordinary run folder under OUT_DIR (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from . import events
+from .pipeline import train
+from .runs import RunDir, install_stop_handlers
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no probability distillation": {"w_prob": 0.0},
+    "no pseudo-labels": {"w_unsup": 0.0},
+    "with feature distillation": {"w_feat": 1.0},
+    "temperature 1": {"temperature": 1.0},
+    "temperature 4": {"temperature": 4.0},
+    "pseudo-labels unweighted": {"confidence": "none"},
+    "pseudo-labels thresholded (0.9)": {"confidence": "threshold"},
+    "single teacher a": {"student_teachers": ["a"]},
+    "single teacher b": {"student_teachers": ["b"]},
+    "25% of the unlabelled data": {"unlabelled_fraction": 0.25},
+}
+"""Variant name -> overrides of the run's config ("unlabelled_fraction" keeps the first part of the pool)."""
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int, device: str) -> list[dict]:
+    """Train the variants' students and return one result row per variant."""
+    teachers = [f"teacher_{t}_ssl" for t in ("a", "b")]
+    missing = [t for t in teachers if not source.has_model(t)]
+    if missing:
+        raise events.UserError(f"{source.path} has no {', '.join(missing)}", "give a run whose teachers_ssl finished")
+    shared_targets = out / "targets"
+    shared_targets.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        overrides = dict(VARIANTS[name])
+        fraction = overrides.pop("unlabelled_fraction", 1.0)
+        cfg = replace(source.config, stages=["student_sslkd"], holdout=holdout, val_every=steps,
+                      steps={**source.config.steps, "student": steps}, steps_scale=1.0, **overrides)
+        spec = replace(source.dataset, test=[],
+                       unlabelled=source.dataset.unlabelled[: max(1, round(fraction * len(source.dataset.unlabelled)))])
+        path = out / _slug(name)
+        run = RunDir.open(path) if (path / "config.json").exists() else RunDir.create(path, cfg, spec)
+        for teacher in teachers:
+            if not run.has_model(teacher):
+                run.model_path(teacher).parent.mkdir(exist_ok=True)
+                os.link(source.model_path(teacher), run.model_path(teacher))
+        if not (path / "targets").exists():
+            (path / "targets").symlink_to(shared_targets.resolve())  # teachers' outputs are computed once
+        run.normalizer = source.normalizer
+        run.save()
+        train(run, device, "")
+        val = run.curves()["student_sslkd"]["val_iou"][-1][1]
+        rows.append({"variant": name, "overrides": VARIANTS[name], "val_iou": val,
+                     "train_seconds": run.metrics()["models"]["student_sslkd"]["train_seconds"]})
+        events.metric("val_iou", val, stage=name)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["val_iou"] for r in rows if r["variant"] == "default"), None)
+    lines = ["| Variant | Validation IoU | Δ vs default | Train s |", "|---|---:|---:|---:|"]
+    for r in rows:
+        delta = "" if base is None or r["variant"] == "default" else f"{100 * (r['val_iou'] - base):+.1f}"
+        lines.append(f"| {r['variant']} | {100 * r['val_iou']:.1f} | {delta} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ablate", help="retrain the SSLKD student with one setting changed per variant")
+    p.add_argument("source", type=Path, help="a finished run (e.g. a benchmark seed) with teacher_*_ssl")
+    p.add_argument("--out", type=Path, required=True, help="folder for the variants' runs and ablation.md")
+    p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--holdout", type=int, default=2, help="labelled images kept for validation")
+    p.add_argument("--steps", type=int, default=150, help="student steps per variant")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    install_stop_handlers()
+    names = args.variants.split(",") if args.variants else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise events.UserError(f"unknown variant(s): {', '.join(unknown)}", f"choose from: {', '.join(VARIANTS)}")
+    rows = ablate(RunDir.open(args.source), args.out, names, args.holdout, args.steps, args.device)
+    (args.out / "ablation.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "ablation.md").write_text(
+        f"# SSLKD student ablation\n\nCommand: `{args.command_line}`\n\n{table(rows)}\n")
+    events.artifact("ablation", args.out / "ablation.md")
