@@ -23,7 +23,14 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     assert report["models"]["teacher_a"]["params"] > report["models"]["student_sslkd"]["params"]
     for figure in report["figures"]:
         assert (out / figure).stat().st_size > 10_000
-    assert "road-sslkd bench" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "road-sslkd bench" in markdown
+    # Every claim of the SSLKD student is checked in the report, met or not, from the table's own numbers.
+    claims = [line for line in markdown.splitlines() if line.startswith("| SSLKD") or line.startswith("| param")]
+    assert len(claims) == 4 and all(line.endswith("| met |") or line.endswith("| NOT met |") for line in claims)
+    m = report["models"]
+    gap = 100 * (m["student_sslkd"]["iou"] - m["student_supervised"]["iou"])
+    assert f"{gap:+.1f} IoU points" in markdown
 
     # A second start refuses to replace the report, and with --overwrite reuses the finished runs.
     code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),

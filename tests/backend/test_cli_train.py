@@ -126,3 +126,19 @@ def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):
     assert len(fewer["dataset"]["unlabelled"]) == 1  # a quarter of the 2 synthetic unlabelled scenes, at least 1
     default = out / "default" / "models"
     assert (default / "student_sslkd.pt").exists() and not (default / "teacher_a.pt").exists()
+
+
+def test_int8_export_is_kept_only_within_one_iou_point(tiny_run, run_main, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "student.onnx"
+    code, events = run_main("export", str(run), "--out", str(out), "--int8")
+    assert code == 0, errors(events)
+    ious = {e["name"]: e["value"] for e in events if e["event"] == "metric"}
+    assert set(ious) == {"iou_fp32", "iou_int8"}
+    kept = (tmp_path / "student.int8.onnx").exists()
+    assert kept == (ious["iou_fp32"] - ious["iou_int8"] < 0.01)
+    discarded = [e for e in events if e["event"] == "warning" and "INT8 copy discarded" in e["message"]]
+    assert bool(discarded) == (not kept)
+    if kept:
+        session = ort.InferenceSession(str(tmp_path / "student.int8.onnx"), providers=["CPUExecutionProvider"])
+        assert session.get_modelmeta().custom_metadata_map["road_sslkd_quantized"].startswith("int8")

@@ -22,16 +22,16 @@ from .runs import RunDir, install_stop_handlers
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "no probability distillation": {"w_prob": 0.0},
     "no pseudo-labels": {"w_unsup": 0.0},
-    "with feature distillation": {"w_feat": 1.0},
-    "temperature 1": {"temperature": 1.0},
-    "temperature 4": {"temperature": 4.0},
-    "pseudo-labels unweighted": {"confidence": "none"},
-    "pseudo-labels thresholded (0.9)": {"confidence": "threshold"},
+    "no probability distillation": {"w_prob": 0.0},
     "single teacher a": {"student_teachers": ["a"]},
     "single teacher b": {"student_teachers": ["b"]},
     "25% of the unlabelled data": {"unlabelled_fraction": 0.25},
+    "pseudo-labels thresholded (0.9)": {"confidence": "threshold"},
+    "pseudo-labels unweighted": {"confidence": "none"},
+    "temperature 1": {"temperature": 1.0},
+    "temperature 4": {"temperature": 4.0},
+    "with feature distillation": {"w_feat": 1.0},
 }
 """Variant name -> overrides of the run's config ("unlabelled_fraction" keeps the first part of the pool)."""
 
@@ -40,8 +40,9 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int, device: str) -> list[dict]:
-    """Train the variants' students and return one result row per variant."""
+def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int, device: str,
+           command: str = "") -> list[dict]:
+    """Train the variants' students; ablation.json and ablation.md are rewritten after each variant."""
     teachers = [f"teacher_{t}_ssl" for t in ("a", "b")]
     missing = [t for t in teachers if not source.has_model(t)]
     if missing:
@@ -66,11 +67,13 @@ def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int
             (path / "targets").symlink_to(shared_targets.resolve())  # teachers' outputs are computed once
         run.normalizer = source.normalizer
         run.save()
-        train(run, device, "")
+        train(run, device, command, export=False)
         val = run.curves()["student_sslkd"]["val_iou"][-1][1]
         rows.append({"variant": name, "overrides": VARIANTS[name], "val_iou": val,
                      "train_seconds": run.metrics()["models"]["student_sslkd"]["train_seconds"]})
         events.metric("val_iou", val, stage=name)
+        (out / "ablation.json").write_text(json.dumps(rows, indent=2))
+        (out / "ablation.md").write_text(f"# SSLKD student ablation\n\nCommand: `{command}`\n\n{table(rows)}\n")
     return rows
 
 
@@ -100,8 +103,5 @@ def _run(args: argparse.Namespace) -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise events.UserError(f"unknown variant(s): {', '.join(unknown)}", f"choose from: {', '.join(VARIANTS)}")
-    rows = ablate(RunDir.open(args.source), args.out, names, args.holdout, args.steps, args.device)
-    (args.out / "ablation.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "ablation.md").write_text(
-        f"# SSLKD student ablation\n\nCommand: `{args.command_line}`\n\n{table(rows)}\n")
+    ablate(RunDir.open(args.source), args.out, names, args.holdout, args.steps, args.device, args.command_line)
     events.artifact("ablation", args.out / "ablation.md")

@@ -142,10 +142,41 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     lines += [f"![{name}]({name})" for name in report.get("figures", [])] + [""]
-    if "student_sslkd" in m and "student_ssl" in m:
-        gap = 100 * (m["student_sslkd"]["iou"] - m["student_ssl"]["iou"])
-        lines += [f"SSLKD student minus the UniMatch-style semi-supervised student: {gap:+.1f} IoU points.", ""]
+    lines += claims(m)
     return "\n".join(lines)
+
+
+def claims(m: dict[str, dict]) -> list[str]:
+    """The SSLKD student against the project's targets (docs/method.md), as checked lines of the report."""
+    needed = ("student_sslkd", "student_ssl", "student_supervised", "teacher_a_ssl", "teacher_b_ssl")
+    if not all(name in m for name in needed):
+        return []
+    s = m["student_sslkd"]
+    best = max(("teacher_a_ssl", "teacher_b_ssl"), key=lambda name: m[name]["iou"])
+    t = m[best]
+    gap_ssl = 100 * (s["iou"] - m["student_ssl"]["iou"])
+    spread = 100 * max(s.get("iou_std", 0.0), m["student_ssl"].get("iou_std", 0.0))
+    gap_sup = 100 * (s["iou"] - m["student_supervised"]["iou"])
+    ratio = s["iou"] / max(t["iou"], 1e-9)
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    rows = [
+        ("SSLKD − traditional semi-supervised (UniMatch-style) student", f"{gap_ssl:+.1f} IoU points "
+         f"(largest seed spread {spread:.1f})", "≥ +3 and > 2 × spread", gap_ssl >= 3 and gap_ssl > 2 * spread),
+        ("SSLKD − supervised student", f"{gap_sup:+.1f} IoU points", "≥ +8", gap_sup >= 8),
+        (f"SSLKD / better semi-supervised teacher ({best})", f"{100 * ratio:.0f} % of its IoU", "≥ 95 %",
+         ratio >= 0.95),
+        ("parameters, student / teacher", f"{s['params'] / t['params']:.2f}", "≤ 0.2",
+         s["params"] <= 0.2 * t["params"]),
+    ]
+    if s.get("mpx_per_s") and t.get("mpx_per_s"):
+        speed = s["mpx_per_s"] / t["mpx_per_s"]
+        rows.append(("CPU throughput, student / teacher", f"{speed:.1f}x", "≥ 4x", speed >= 4))
+    lines = ["## The SSLKD student against its targets", "", "| Claim | Measured | Target | |", "|---|---|---|---|"]
+    lines += [f"| {claim} | {value} | {target} | {mark(ok)} |" for claim, value, target, ok in rows]
+    return lines + [""]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -146,5 +147,48 @@ def _run(args: argparse.Namespace) -> None:
         int8 = out.with_suffix(".int8.onnx")
         if int8.exists() and not args.overwrite:
             raise UserError(f"{int8} exists", "pass --overwrite to replace it")
-        events.artifact("onnx_int8", quantize_int8(out, int8))
+        quantize_int8(out, int8, _calibration_tiles(run))
+        if _int8_keeps_quality(run, out, int8):
+            events.artifact("onnx_int8", int8)
+        else:
+            int8.unlink()
     events.emit("done", onnx=str(out))
+
+
+INT8_MAX_DROP = 0.01  # IoU (1 point): a faster model that misses more roads than this is not worth it
+
+
+def _calibration_tiles(run: Any, count: int = 8, size: int = 256) -> Iterator[np.ndarray]:
+    """Raw tiles from the centre of the run's own rasters (unlabelled first): calibration on real imagery."""
+    import rasterio
+    from rasterio.windows import Window
+
+    images = list(run.dataset.unlabelled) + [p.image for p in run.dataset.labelled]
+    for path in images[:count]:
+        with rasterio.open(path) as ds:
+            h, w = min(size, ds.height), min(size, ds.width)
+            yield ds.read(run.config.bands, window=Window((ds.width - w) // 2, (ds.height - h) // 2, w, h))
+
+
+def _int8_keeps_quality(run: Any, fp32: Path, int8: Path) -> bool:
+    """Road IoU of both ONNX files on the run's test rasters (else its labelled ones); True if INT8 may stay."""
+    from .data import LabelledSet
+    from .evaluate import evaluate_items
+    from .onnx_runtime import load_model
+
+    cfg = run.config
+    pairs = run.dataset.test or run.dataset.labelled
+    if not run.dataset.test:
+        events.warning("the run has no test rasters: the INT8 check uses its labelled (training) rasters")
+    items = LabelledSet(pairs, cfg.bands, cfg.label_width).items
+    ious = {}
+    for kind, path in (("fp32", fp32), ("int8", int8)):
+        infer = load_model(path, "cpu").infer
+        ious[kind] = evaluate_items(infer, items, run.normalizer, cfg.tile, cfg.overlap).iou
+        events.metric(f"iou_{kind}", ious[kind], stage="int8_check")
+    drop = ious["fp32"] - ious["int8"]
+    if drop >= INT8_MAX_DROP:
+        events.warning(f"INT8 copy discarded: road IoU {100 * ious['int8']:.1f} % against {100 * ious['fp32']:.1f} % "
+                       f"in fp32, a drop of {100 * drop:.1f} points (at most {100 * INT8_MAX_DROP:.0f} allowed)")
+        return False
+    return True

@@ -59,7 +59,7 @@ EXAMPLES = 3  # test rasters whose predictions are kept for the report's overlay
 STUDENTS = ("student_sslkd", "student_kd", "student_ssl", "student_supervised")
 
 
-def train(run: RunDir, device_name: str = "auto", command: str = "") -> dict:
+def train(run: RunDir, device_name: str = "auto", command: str = "", export: bool = True) -> dict:
     """Run the configured stages (skipping finished ones), evaluate, export the student, write the report."""
     cfg = run.config
     unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
@@ -87,7 +87,7 @@ def train(run: RunDir, device_name: str = "auto", command: str = "") -> dict:
         distributed.barrier()  # rank 0 alone exports and reports; the others end with it
         return run.metrics()
     student = next((s for s in STUDENTS if s in cfg.stages), None)
-    if student is not None:
+    if student is not None and export:
         events.progress("export", 0, 1)
         onnx_path = export_run_model(run, student, run.path / "student.onnx", overwrite=True)
         speed = onnx_throughput(onnx_path, len(cfg.bands), size=cfg.tile)
