@@ -47,7 +47,7 @@ $(STAMPS)/qgis-venv: | qgis
 	@touch $@
 
 lint: setup
-	$(BACKEND_VENV)/bin/ruff check backend road_sslkd_plugin tests
+	$(BACKEND_VENV)/bin/ruff check backend road_sslkd_plugin tests scripts
 
 test-backend: setup
 	$(BACKEND_VENV)/bin/pytest -q tests/backend
@@ -64,6 +64,7 @@ demo: setup
 
 bench: setup
 	$(BACKEND_VENV)/bin/road-sslkd bench-inference --out docs/benchmarks/inference.md --overwrite
+	QT_QPA_PLATFORM=offscreen $(QPY) scripts/bench_segment_extent.py --out docs/benchmarks/segment_extent.md
 	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \
 	  --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
 

@@ -2,7 +2,8 @@
 
 The zip holds the plugin package with metadata.txt, LICENSE and resources/ inside it, and the backend's
 source (pyproject.toml, README.md, src/) as road_sslkd_plugin/backend, so "Set up backend" can pip-install
-it from there. Caches, build leftovers and anything git ignores never enter the zip.
+it from there. Only files git tracks or would track (not ignored) enter it, and never caches or compiled
+files, so a dirty checkout (venvs, runs, demo output, __pycache__) still gives a clean zip.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "road_sslkd_plugin"
@@ -26,21 +28,41 @@ CONTENT = [
 ]
 
 
-def tracked_files() -> set[Path]:
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+# Never shipped even if someone commits them: QGIS would load stale bytecode, and data does not belong in a plugin.
+EXCLUDED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints"}
+EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".onnx", ".pt", ".pth", ".tif", ".tiff", ".zip"}
+
+
+def tracked_files() -> Optional[set[Path]]:
+    """Files git tracks plus new files it does not ignore (so an uncommitted new module is not left out).
+
+    None outside a git checkout (a source archive): then only the cache and data filters apply.
+    """
+    command = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    try:
+        out = subprocess.run(command, cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
     return {ROOT / name for name in out.decode().split("\0") if name}
 
 
+def shippable(path: Path) -> bool:
+    parts = set(path.relative_to(ROOT).parts)
+    return path.is_file() and not EXCLUDED_PARTS & parts and path.suffix.lower() not in EXCLUDED_SUFFIXES
+
+
 def build(target: Path) -> Path:
+    """Write the plugin zip to ``target`` (via a temporary name: never a half-written zip)."""
     tracked = tracked_files()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for source, dest in CONTENT:
             base = ROOT / source
-            files = sorted(p for p in (base.rglob("*") if base.is_dir() else [base]) if p in tracked)
+            candidates = base.rglob("*") if base.is_dir() else [base]
+            files = sorted(p for p in candidates if (tracked is None or p in tracked) and shippable(p))
             if not files:
-                sys.exit(f"nothing tracked under {source}: commit it first")
+                sys.exit(f"nothing to ship under {source}: is it ignored by git?")
             for path in files:
                 inner = Path(dest) / path.relative_to(base) if base.is_dir() else Path(dest)
                 archive.write(path, str(Path(PACKAGE) / inner))
@@ -49,4 +71,5 @@ def build(target: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(build(ROOT / "dist" / f"{PACKAGE}.zip"))
+    # Optional argument: where to write the zip (the install test builds into a temporary folder).
+    print(build(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "dist" / f"{PACKAGE}.zip"))

@@ -15,7 +15,9 @@ def read_metadata():
 
 def test_metadata_has_what_qgis_needs():
     meta = read_metadata()
-    for key in ("name", "qgisMinimumVersion", "description", "about", "version", "author", "icon"):
+    required = ("name", "qgisMinimumVersion", "description", "about", "version", "author", "email", "repository",
+                "tracker", "homepage", "tags", "category", "icon", "changelog")  # plugins.qgis.org's uploader
+    for key in required:
         assert meta.get(key), key
     assert meta["name"] == "Road SSLKD"
     assert meta["qgisMinimumVersion"] == "3.22"
