@@ -16,6 +16,7 @@ STAMPS := .setup-stamps
 DEMO_DIR ?= demo
 BENCH_DATA ?= ../shared/data/cil_road_2016
 BENCH_PRESET ?= cpu
+BENCH_SEEDS ?= 0,1,2
 
 .PHONY: setup qgis test lint test-backend test-plugin demo bench zip clean
 
@@ -66,7 +67,7 @@ bench: setup
 	$(BACKEND_VENV)/bin/road-sslkd bench-inference --out docs/benchmarks/inference.md --overwrite
 	QT_QPA_PLATFORM=offscreen $(QPY) scripts/bench_segment_extent.py --out docs/benchmarks/segment_extent.md
 	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \
-	  --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
+	  --seeds $(BENCH_SEEDS) --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
 
 zip:
 	$(PYTHON) scripts/build_zip.py

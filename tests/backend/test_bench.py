@@ -40,3 +40,7 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
                             "--work", str(work), "--seeds", "0,1", "--overwrite")
     assert code == 0
     assert not [e for e in events if e["event"] == "progress" and e["stage"] == "teacher_a"]
+    # Finished models are evaluated again from their saved weights: the same numbers as the first time.
+    again = json.loads((out / "report.json").read_text())["models"]
+    for name, values in report["models"].items():
+        assert again[name]["iou"] == values["iou"] and again[name]["precision"] == values["precision"], name

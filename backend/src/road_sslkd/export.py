@@ -68,6 +68,10 @@ def export_onnx(model: SegModel, path: Path, metadata: dict[str, str], overwrite
     wrapped = _Probabilities(model).eval()
     channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     example = torch.randn(1, channels, verify_size, verify_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder of {path}: {exc}", "choose a writable --out") from exc
     tmp = path.with_name(path.name + ".tmp")
     dynamic = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():

@@ -81,8 +81,9 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
         stage = distributed.main_first(functools.partial(factories[name], ctx))
         run_stage(stage, ctx)
         if distributed.is_main():  # the others wait for rank 0 at the next stage (or at the end)
-            for out_name, model in stage.outputs().items():
-                _describe(run, out_name, model.to(device), ctx, test_items)
+            for out_name in stage.outputs():
+                # The saved model: a stage finished in an earlier start holds only freshly built networks.
+                _describe(run, out_name, run.load_model(out_name).to(device), ctx, test_items)
     if not distributed.is_main():
         distributed.barrier()  # rank 0 alone exports and reports; the others end with it
         return run.metrics()
