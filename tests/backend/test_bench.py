@@ -39,8 +39,15 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
                             "--work", str(work), "--seeds", "0,1", "--overwrite")
     assert code == 0
-    assert not [e for e in events if e["event"] == "progress" and e["stage"] == "teacher_a"]
-    # Finished models are evaluated again from their saved weights: the same numbers as the first time.
+    assert not [e for e in events if e["event"] == "progress" and e["stage"] in ("teacher_a", "evaluate")]
     again = json.loads((out / "report.json").read_text())["models"]
     for name, values in report["models"].items():
         assert again[name]["iou"] == values["iou"] and again[name]["precision"] == values["precision"], name
+
+    # A model deleted by hand is trained again and measured again; the others keep their measurements.
+    (work / "seed_1" / "models" / "student_sslkd.pt").unlink()
+    code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
+                            "--work", str(work), "--seeds", "0,1", "--overwrite")
+    assert code == 0
+    evaluated = [e["model"] for e in events if e["event"] == "progress" and e["stage"] == "evaluate" and e["step"] == 0]
+    assert evaluated == ["student_sslkd"]

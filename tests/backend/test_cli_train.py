@@ -110,7 +110,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
 def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "ablation"
-    variants = ["default", "with feature distillation", "single teacher b", "25% of the unlabelled data"]
+    variants = ["default", "no feature distillation", "single teacher b", "25% of the unlabelled data"]
     code, events = run_main("ablate", str(run), "--out", str(out), "--variants", ",".join(variants),
                             "--steps", "2", "--holdout", "1")
     assert code == 0, errors(events)

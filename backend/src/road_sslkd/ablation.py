@@ -31,7 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pseudo-labels unweighted": {"confidence": "none"},
     "temperature 1": {"temperature": 1.0},
     "temperature 4": {"temperature": 4.0},
-    "with feature distillation": {"w_feat": 1.0},
+    "no feature distillation": {"w_feat": 0.0},
 }
 """Variant name -> overrides of the run's config ("unlabelled_fraction" keeps the first part of the pool)."""
 

@@ -5,8 +5,8 @@ and the ensemble's temperature-softened probabilities; on unlabelled crops it se
 photometric) and learns the same soft targets plus the ensemble's confidence-weighted hard pseudo-labels.
 Teacher outputs come from the cache of targets.py, so a step costs two student passes and no teacher pass.
 Feature distillation (1x1 adapter per teacher onto its decoder features) needs the teachers' features for
-the student's exact view, so it runs the teachers online and only when ``w_feat`` > 0: docs/method.md
-explains why it is off by default. Without unlabelled data (``student_kd``) this is plain distillation.
+the student's exact view, so it runs the teachers online (only when ``w_feat`` > 0; docs/method.md weighs
+its cost against its gain). Without unlabelled data (``student_kd``) this is plain distillation.
 """
 
 from __future__ import annotations

@@ -79,9 +79,10 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
         seed_everything(distributed.rank_seed(cfg.seed * 1000 + index))
         # Rank 0 builds first: a stage may cache files in the run folder (teacher targets) that others read.
         stage = distributed.main_first(functools.partial(factories[name], ctx))
+        described = {n for n in stage.outputs() if run.has_model(n) and _described(run, n, bool(test_items))}
         run_stage(stage, ctx)
         if distributed.is_main():  # the others wait for rank 0 at the next stage (or at the end)
-            for out_name in stage.outputs():
+            for out_name in (n for n in stage.outputs() if n not in described):
                 # The saved model: a stage finished in an earlier start holds only freshly built networks.
                 _describe(run, out_name, run.load_model(out_name).to(device), ctx, test_items)
     if not distributed.is_main():
@@ -102,6 +103,12 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     events.artifact("report", run.path / "report.md")
     distributed.barrier()
     return metrics
+
+
+def _described(run: RunDir, name: str, tested: bool) -> bool:
+    """Whether an earlier start already measured this saved model (a finished run resumes in seconds)."""
+    values = run.metrics()["models"].get(name, {})
+    return "params" in values and (not tested or "iou" in values)
 
 
 def _describe(run: RunDir, name: str, model: object, ctx: Context, test_items: list) -> None:
