@@ -24,6 +24,7 @@ from qgis.core import (
 )
 
 from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
+from ..core.results import RunFolder
 from .base import RoadAlgorithm
 
 
@@ -163,7 +164,7 @@ class TrainAlgorithm(RoadAlgorithm):
                 feedback.reportError(f"Training cancelled; resume with: road-sslkd train --resume {run_dir}")
                 return {}
             raise QgsProcessingException(f"{outcome.message}{details}\n{outcome.details()}")
-        model = result.artifact("onnx") or os.path.join(run_dir, "student.onnx")
+        model = RunFolder(run_dir).onnx or os.path.join(run_dir, "student.onnx")
         report = os.path.join(run_dir, "report.md")
         metrics_path = os.path.join(run_dir, "metrics.json")
         metrics = ""

@@ -38,6 +38,12 @@ def test_train_tiny_writes_verified_student(tiny_run):
         assert metrics[name]["params"] > 0
     assert metrics["student_sslkd"]["mpx_per_s"] > 0
     assert "student_sslkd" in (run / "report.md").read_text()
+    # Training also ships the INT8 student, unless it lost a point of IoU against fp32.
+    check = {e["name"]: e["value"] for e in events if e["event"] == "metric" and e["stage"] == "int8_check"}
+    kept = (run / "student.int8.onnx").is_file()
+    assert kept == (check["iou_fp32"] - check["iou_int8"] < 0.01)
+    assert kept == ("mpx_per_s_int8" in metrics["student_sslkd"])
+    assert events[-1]["student_int8"] == (str(run / "student.int8.onnx") if kept else None)
 
     # The ONNX student matches the trained torch student (probabilities).
     model = RunDir.open(run).load_model("student_sslkd").eval()

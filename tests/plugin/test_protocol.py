@@ -155,6 +155,8 @@ def test_results_rows_and_run_folder(tmp_path):
     (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "run" / "student.onnx").write_bytes(b"x")
     assert folder.holds_run() and folder.finished() and folder.onnx.endswith("student.onnx")
+    (tmp_path / "run" / "student.int8.onnx").write_bytes(b"x")  # kept by training: the faster one is used
+    assert folder.onnx.endswith("student.int8.onnx")
 
 
 def test_report_for_panel_drops_tables():

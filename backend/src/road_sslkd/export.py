@@ -146,17 +146,24 @@ def _run(args: argparse.Namespace) -> None:
     out = args.out or run.path / f"{args.model}.onnx"
     events.artifact("onnx", export_run_model(run, args.model, out, args.overwrite))
     if args.int8:
-        from .quantize import quantize_int8
-
-        int8 = out.with_suffix(".int8.onnx")
-        if int8.exists() and not args.overwrite:
-            raise UserError(f"{int8} exists", "pass --overwrite to replace it")
-        quantize_int8(out, int8, _calibration_tiles(run))
-        if _int8_keeps_quality(run, out, int8):
-            events.artifact("onnx_int8", int8)
-        else:
-            int8.unlink()
+        export_int8(run, out, args.overwrite)
     events.emit("done", onnx=str(out))
+
+
+def export_int8(run: Any, fp32: Path, overwrite: bool = False) -> Optional[Path]:
+    """``MODEL.int8.onnx`` beside ``fp32``, calibrated on the run's imagery; None (and no file) if it loses
+    a point of road IoU or more."""
+    from .quantize import quantize_int8
+
+    int8 = fp32.with_suffix(".int8.onnx")
+    if int8.exists() and not overwrite:
+        raise UserError(f"{int8} exists", "pass --overwrite to replace it")
+    quantize_int8(fp32, int8, _calibration_tiles(run))
+    if not _int8_keeps_quality(run, fp32, int8):
+        int8.unlink()
+        return None
+    events.artifact("onnx_int8", int8)
+    return int8
 
 
 INT8_MAX_DROP = 0.01  # IoU (1 point): a faster model that misses more roads than this is not worth it

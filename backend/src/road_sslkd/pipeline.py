@@ -22,7 +22,7 @@ from . import distributed, events
 from .config import Config, make_config
 from .data import DatasetSpec, LabelledSet
 from .evaluate import evaluate_model, onnx_throughput
-from .export import export_run_model
+from .export import export_int8, export_run_model
 from .models import count_parameters, gflops
 from .plots import PRAccumulator
 from .runs import RunDir, install_stop_handlers, stop_requested
@@ -96,6 +96,11 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
         run.update_metrics(student, {"mpx_per_s": round(speed, 3)})
         events.metric("mpx_per_s", speed, stage=student)
         events.artifact("onnx", onnx_path)
+        int8 = export_int8(run, onnx_path, overwrite=True) if cfg.int8 else None
+        if int8 is not None:
+            speed = onnx_throughput(int8, len(cfg.bands), size=cfg.tile)
+            run.update_metrics(student, {"mpx_per_s_int8": round(speed, 3)})
+            events.metric("mpx_per_s_int8", speed, stage=student)
         events.progress("export", 1, 1)
     metrics = run.metrics()
     (run.path / "report.md").write_text(report_markdown(run, metrics, command))
@@ -247,4 +252,6 @@ def _run(args: argparse.Namespace) -> None:
         if not distributed.is_main():
             run = RunDir.open(args.out)
     metrics = train(run, args.device, args.command_line)
-    events.emit("done", run_dir=str(run.path), student=str(run.path / "student.onnx"), models=metrics["models"])
+    int8 = run.path / "student.int8.onnx"
+    events.emit("done", run_dir=str(run.path), student=str(run.path / "student.onnx"),
+                student_int8=str(int8) if int8.exists() else None, models=metrics["models"])
