@@ -20,11 +20,15 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     for name, values in report["models"].items():
         assert REQUIRED <= set(values), name
         assert 0 <= values["iou"] <= 1 and values["iou_std"] >= 0
+        assert len(values["iou_seeds"]) == 2 and abs(sum(values["iou_seeds"]) / 2 - values["iou"]) < 1e-9
     assert report["models"]["teacher_a"]["params"] > report["models"]["student_sslkd"]["params"]
     for figure in report["figures"]:
         assert (out / figure).stat().st_size > 10_000
     markdown = (out / "report.md").read_text()
     assert "road-sslkd bench" in markdown
+    seed_1 = report["models"]["student_sslkd"]["iou_seeds"][1]
+    assert any(line.startswith("| student_sslkd |") and line.endswith(f"| {100 * seed_1:.1f} |")
+               for line in markdown.splitlines())
     # Every claim of the SSLKD student is checked in the report, met or not, from the table's own numbers.
     claims = [line for line in markdown.splitlines() if line.startswith("| SSLKD") or line.startswith("| param")]
     assert len(claims) == 4 and all(line.endswith("| met |") or line.endswith("| NOT met |") for line in claims)

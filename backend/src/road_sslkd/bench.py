@@ -43,6 +43,7 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
                 entry[key] = float(np.mean(values))
                 if key in METRIC_KEYS:
                     entry[f"{key}_std"] = float(np.std(values))
+        entry["iou_seeds"] = [r.get("iou") for r in runs]
         models[name] = entry
     return models
 
@@ -141,6 +142,12 @@ def report_markdown(report: dict) -> str:
         f"    {report['command']}",
         "",
     ]
+    if len(report["seeds"]) > 1:
+        lines += ["Road IoU per seed:", "", "| Model | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " |",
+                  "|---|" + "---:|" * len(report["seeds"])]
+        lines += [f"| {name} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in values["iou_seeds"])
+                  + " |" for name, values in m.items() if "iou_seeds" in values]
+        lines += [""]
     lines += [f"![{name}]({name})" for name in report.get("figures", [])] + [""]
     lines += claims(m)
     return "\n".join(lines)
