@@ -1,7 +1,7 @@
 """`road-sslkd bench-inference`: inference speed and memory on this machine, as a markdown table.
 
 Model throughput: 512 x 512 tiles, batch 2, a fixed number of threads, best of a few runs, for the
-DeepLabV3+-MobileNetV2 student (ONNX fp32, ONNX INT8, torch eager) and a DeepLabV3+-ResNet50 teacher ONNX.
+``cpu`` preset's student (ONNX fp32, ONNX INT8, torch eager) and its two teachers (ONNX fp32).
 Whole-raster prediction: ``predict_file`` in a child process per raster (1k, 5k, 20k px square, 3-band tiled
 GeoTIFFs generated in strips), reporting wall time and the child's peak resident memory. Models have random
 weights: speed and memory do not depend on them.
@@ -27,12 +27,14 @@ from rasterio.windows import Window
 
 from . import events
 from .bench import machine
+from .config import make_config
 from .evaluate import onnx_throughput
 from .export import export_onnx, onnx_metadata
 from .models import build_model
 from .quantize import quantize_int8
 
-STUDENT, TEACHER, CHEAP = "deeplabv3plus-mobilenet_v2", "deeplabv3plus-resnet50", "tiny-student"
+CPU = make_config("cpu")
+STUDENT, TEACHERS, CHEAP = CPU.student, (CPU.teacher_a, CPU.teacher_b), "tiny-student"
 TILE, BATCH = 512, 2
 RESOLUTION_CM = 50.0  # the generated rasters' and the models' resolution: nothing is resampled
 STUDENT_MAX_SIZE = 5000  # the student on 20k px would take most of an hour on 2 cores: CHEAP stands in
@@ -107,17 +109,17 @@ def run_benchmark(work: Path, threads: int, sizes: list[int]) -> dict:
     events.progress("bench-inference", 0, 3 + len(sizes), what="export")
     student_onnx, student = _export(STUDENT, work / "student.onnx")
     int8_onnx = quantize_int8(student_onnx, work / "student.int8.onnx")
-    teacher_onnx, _ = _export(TEACHER, work / "teacher.onnx")
+    teachers = [(f"teacher {name}", "ONNX fp32", _export(name, work / f"{name}.onnx")[0]) for name in TEACHERS]
     cheap_onnx, _ = _export(CHEAP, work / "cheap.onnx")
     events.progress("bench-inference", 1, 3 + len(sizes), what="throughput")
     eager = torch_throughput(student, threads)
-    student_name = "student DeepLabV3+-MobileNetV2"
+    student_name = f"student {STUDENT}"
     throughput = [(student_name, "torch eager", eager)] + [
         (name, runtime, onnx_throughput(path, 3, TILE, BATCH, 3, threads))
         for name, runtime, path in (
             (student_name, "ONNX fp32", student_onnx),
             (student_name, "ONNX INT8", int8_onnx),
-            ("teacher DeepLabV3+-ResNet50", "ONNX fp32", teacher_onnx),
+            *teachers,
             ("tiny-student (stand-in at 20k px)", "ONNX fp32", cheap_onnx),
         )
     ]
