@@ -17,6 +17,8 @@ DEMO_DIR ?= demo
 BENCH_DATA ?= ../shared/data/cil_road_2016
 BENCH_PRESET ?= cpu
 BENCH_SEEDS ?= 0,1,2
+# Seeds trained at once (child processes, one thread each when there are fewer cores than jobs).
+BENCH_JOBS ?= 3
 
 .PHONY: setup qgis test lint test-backend test-plugin demo bench zip clean
 
@@ -67,7 +69,7 @@ bench: setup
 	$(BACKEND_VENV)/bin/road-sslkd bench-inference --out docs/benchmarks/inference.md --overwrite
 	QT_QPA_PLATFORM=offscreen $(QPY) scripts/bench_segment_extent.py --out docs/benchmarks/segment_extent.md
 	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \
-	  --seeds $(BENCH_SEEDS) --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
+	  --seeds $(BENCH_SEEDS) --jobs $(BENCH_JOBS) --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
 
 zip:
 	$(PYTHON) scripts/build_zip.py

@@ -10,9 +10,14 @@ MODELS = {"student_supervised", "student_ssl", "teacher_a", "teacher_b", "teache
 
 def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     out, work = tmp_path / "report", tmp_path / "work"
+    # The two seeds train at once in child processes (`train --resume`), each logging into its run folder.
     code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
-                            "--work", str(work), "--seeds", "0,1")
+                            "--work", str(work), "--seeds", "0,1", "--jobs", "2")
     assert code == 0, events[-1]
+    assert [e["step"] for e in events if e["event"] == "progress" and e["stage"] == "bench"] == [1, 2]
+    for seed in (0, 1):
+        child = [json.loads(line) for line in (work / f"seed_{seed}" / "train.jsonl").read_text().splitlines()]
+        assert child[-1]["event"] == "done" and (work / f"seed_{seed}" / "student.onnx").is_file()
     report = json.loads((out / "report.json").read_text())
     assert {"dataset", "preset", "seeds", "command", "models"} <= set(report)
     assert report["seeds"] == [0, 1] and report["preset"] == "tiny"

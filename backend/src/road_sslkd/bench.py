@@ -2,6 +2,8 @@
 budget per seed, evaluated on the whole test rasters, summarised in report.json and report.md.
 
 Each seed is an ordinary run folder under ``--work`` and is resumed when the benchmark is started again.
+With ``--jobs N`` the seeds train in N child processes (``road-sslkd train --resume``) that share the CPU
+cores: on a CPU, one single-threaded process per core trains faster than one process on every core.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import datetime
 import json
 import os
 import platform
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +28,7 @@ from .data import DatasetSpec
 from .evaluate import onnx_throughput
 from .export import export_run_model
 from .pipeline import STAGE_NAMES, add_config_arguments, config_from_args, metrics_table, train
-from .runs import RunDir, install_stop_handlers
+from .runs import RunDir, install_stop_handlers, stop_requested
 
 REPORT_MODELS = ("student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
                  "student_kd", "student_sslkd")
@@ -65,12 +71,12 @@ def machine() -> dict[str, object]:
 
 
 def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str,
-              command: str) -> tuple[dict, RunDir]:
+              command: str, jobs: int = 1) -> tuple[dict, RunDir]:
     """Train and evaluate every model for every seed; returns the aggregated metrics and the first run."""
     spec = DatasetSpec.from_split(data)
     if not spec.test:
         raise events.UserError(f"{data}/split.json has no 'test' pairs", "the benchmark evaluates on the test split")
-    per_seed, first_run = [], None
+    runs = []
     for seed in seeds:
         path = work / f"seed_{seed}"
         if (path / "config.json").exists():
@@ -80,15 +86,56 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
                                        f"delete {path} or pass another --work folder")
         else:
             run = RunDir.create(path, Config(**{**cfg.to_json(), "seed": seed}), spec)
-        events.log.info("benchmark seed %d in %s", seed, path)
-        per_seed.append(train(run, device, command)["models"])
-        first_run = first_run or run
+        runs.append(run)
+    in_children = jobs > 1 and len(runs) > 1
+    if in_children:
+        train_in_children([run.path for run in runs], jobs, device)
+    per_seed = []
+    for seed, run in zip(seeds, runs):
+        events.log.info("benchmark seed %d in %s", seed, run.path)
+        # After the children, this only collects: every stage and evaluation is found finished.
+        per_seed.append(train(run, device, command, export=not in_children)["models"])
+    first_run = runs[0]
     models = aggregate(per_seed)
     with tempfile.TemporaryDirectory() as tmp:  # throughput of every model as an ONNX on this CPU
         for name in models:
             onnx_path = export_run_model(first_run, name, Path(tmp) / f"{name}.onnx")
             models[name]["mpx_per_s"] = onnx_throughput(onnx_path, len(cfg.bands), size=cfg.tile)
     return models, first_run
+
+
+def train_in_children(paths: list[Path], jobs: int, device: str) -> None:
+    """``road-sslkd train --resume`` for each run folder, ``jobs`` at a time, the cores split between them;
+    each child's events and log go to ``train.jsonl`` and ``train.log`` in its folder."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    pending, running, done = list(paths), {}, 0
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                path = pending.pop(0)
+                events.log.info("benchmark run %s starts in a child process (%s threads)", path, threads)
+                with open(path / "train.jsonl", "a") as out, open(path / "train.log", "a") as log:
+                    running[path] = subprocess.Popen(
+                        [sys.executable, "-m", "road_sslkd.cli", "train", "--resume", str(path), "--device", device],
+                        stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=env)
+            if stop_requested():
+                raise events.Cancelled("benchmark stopped", "run the same command again: every seed resumes")
+            time.sleep(1)
+            for path, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[path]
+                if proc.returncode != 0:
+                    raise events.UserError(f"training {path} failed (exit {proc.returncode})",
+                                           f"see {path / 'train.log'}; the same command resumes every seed")
+                done += 1
+                events.progress("bench", done, len(paths), run=str(path))
+    finally:
+        for proc in running.values():  # SIGTERM: each child checkpoints and exits
+            proc.send_signal(signal.SIGTERM)
+        for proc in running.values():
+            proc.wait()
 
 
 def figures(run: RunDir, names: list[str], out: Path, examples: int = 3) -> list[Path]:
@@ -193,6 +240,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, help="folder for the runs (default: runs/bench-DATASET-PRESET)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds trained at once in child processes, the CPU cores split between them (default 1)")
     add_config_arguments(p)
     p.set_defaults(func=_run)
 
@@ -206,7 +255,9 @@ def _run(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     dataset = args.data.resolve().name
     work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
-    models, first_run = run_bench(args.data, cfg, seeds, work, args.device, args.command_line)
+    if args.jobs < 1:
+        raise events.UserError(f"--jobs {args.jobs}", "give 1 or more processes")
+    models, first_run = run_bench(args.data, cfg, seeds, work, args.device, args.command_line, args.jobs)
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out)
     report = {
