@@ -114,7 +114,8 @@ def train_in_children(paths: list[Path], jobs: int, device: str) -> None:
         while pending or running:
             while pending and len(running) < jobs:
                 path = pending.pop(0)
-                events.log.info("benchmark run %s starts in a child process (%s threads)", path, threads)
+                events.log.info("benchmark run %s starts in a child process (%s threads; log: %s)", path, threads,
+                                path / "train.log")
                 with open(path / "train.jsonl", "a") as out, open(path / "train.log", "a") as log:
                     running[path] = subprocess.Popen(
                         [sys.executable, "-m", "road_sslkd.cli", "train", "--resume", str(path), "--device", device],
