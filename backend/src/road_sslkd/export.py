@@ -88,8 +88,11 @@ def export_onnx(model: SegModel, path: Path, metadata: dict[str, str], overwrite
     return path
 
 
-def verify(wrapped: nn.Module, path: Path, channels: int, atol: float = 1e-4) -> float:
-    """Largest |onnxruntime - torch| on random input of two shapes; raises when above ``atol``."""
+def verify(wrapped: nn.Module, path: Path, channels: int, atol: float = 1e-3) -> float:
+    """Largest |onnxruntime - torch| probability on random input of two shapes; raises when above ``atol``.
+
+    1e-3 is a quarter of one step of the uint8 probability rasters the engine writes; deep fp32 networks
+    differ between the two runtimes by ~1e-4 (a random-weight U-Net-ResNet34 by 1.8e-4)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
