@@ -96,6 +96,7 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
         run.update_metrics(student, {"mpx_per_s": round(speed, 3)})
         events.metric("mpx_per_s", speed, stage=student)
         events.artifact("onnx", onnx_path)
+        (run.path / "student.int8.onnx").unlink(missing_ok=True)  # never beside a student.onnx it does not copy
         int8 = export_int8(run, onnx_path, overwrite=True) if cfg.int8 else None
         if int8 is not None:
             speed = onnx_throughput(int8, len(cfg.bands), size=cfg.tile)
