@@ -123,3 +123,45 @@ def test_width_field_of_road_lines_wins_over_default(tiny_dataset):
     from_mask = Label(Pair(image, tiny_dataset / "masks" / "scene_000.tif"), raster, width=0)
     a, b = from_lines.read(0, 0, 96, 96) == 1, from_mask.read(0, 0, 96, 96) == 1
     assert (a & b).sum() / (a | b).sum() > 0.9  # a 50 m default would flood the scene
+
+
+def test_teacher_features_are_cropped_on_their_grid(tmp_path):
+    # Band 1 holds each pixel's row, band 2 its column; the "teacher features" (stride 2) hold them halved.
+    rows, cols = np.mgrid[0:80, 0:70]
+    image = _write(tmp_path / "img.tif", np.stack([rows, cols, rows]).astype(np.uint8))
+    raster = Raster(image, [1, 2, 3])
+    norm = Normalizer.fit([raster])
+    features = np.stack([rows[::2, ::2] // 2, cols[::2, ::2] // 2]).astype(np.int8)
+    sampler = CropSampler([raster], None, crop=32, normalizer=norm, seed=3).with_targets(
+        [[np.zeros((80, 70), np.uint8)]], [(2, [features])])
+    batch = sampler.sample(6)
+    assert batch["features_0"].shape == (6, 2, 16, 16)
+    pixel = (batch["image"] * torch.tensor(norm.std)[:, None, None] + torch.tensor(norm.mean)[:, None, None]) * 255
+    pixel = pixel.round()
+    assert (pixel[:, 0, 0, 0] % 2 == 0).all() and (pixel[:, 1, 0, 0] % 2 == 0).all()  # crops start on the grid
+    torch.testing.assert_close(batch["features_0"][:, 0] * 127, pixel[:, 0, ::2, ::2] // 2)
+    torch.testing.assert_close(batch["features_0"][:, 1] * 127, pixel[:, 1, ::2, ::2] // 2)
+    with pytest.raises(data.UserError, match="feature stride 3"):
+        CropSampler([raster], None, crop=32, normalizer=norm, seed=3, features=[(3, [features])])
+
+
+def test_teacher_features_of_large_rasters_are_stitched_from_blocks(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from road_sslkd import targets
+    from road_sslkd.models import build_model
+
+    rng = np.random.default_rng(4)
+    raster = Raster(_write(tmp_path / "img.tif", rng.integers(0, 255, (3, 200, 170), dtype=np.uint8)), [1, 2, 3])
+    torch.manual_seed(0)
+    model = build_model("tiny-fpn", weights="none").eval()
+    ctx = SimpleNamespace(normalizer=Normalizer.fit([raster]), device=torch.device("cpu"), in_channels=3)
+    channels, stride = targets._feature_shape(model, ctx)
+    whole = targets._raster_features(model, raster, ctx, channels, stride)
+    monkeypatch.setattr(targets, "WHOLE_RASTER_PX", 64)  # 4 x 3 blocks, each with 64 px of context around it
+    blocks = targets._raster_features(model, raster, ctx, channels, stride)
+    assert whole.shape == blocks.shape == (channels, -(-200 // stride), -(-170 // stride))
+    norms = np.linalg.norm(blocks.astype(np.float32) / 127, axis=0)
+    assert np.allclose(norms, 1.0, atol=0.05)  # stored per-pixel normalised
+    cosine = (whole.astype(np.float32) * blocks).sum(0) / 127**2
+    assert np.median(cosine) > 0.99 and cosine.min() > 0.8

@@ -51,7 +51,12 @@ def cutmix_boxes(b: int, h: int, w: int, device: torch.device, p: float = 0.5) -
 
 
 def mix(a: torch.Tensor, boxes: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Paste, inside each sample's box, the pixels of sample ``perm[i]`` ((B,C,H,W) stacks or (B,H,W) maps)."""
+    """Paste, inside each sample's box, the pixels of sample ``perm[i]`` ((B,C,H,W) stacks or (B,H,W) maps).
+
+    Coarser stacks (teacher features on a strided grid) get the boxes resampled to their grid.
+    """
+    if a.shape[-2:] != boxes.shape[-2:]:
+        boxes = F.interpolate(boxes[:, None].float(), size=a.shape[-2:], mode="nearest")[:, 0].bool()
     mask = boxes if a.dim() == 3 else boxes[:, None]
     return torch.where(mask, a[perm], a)
 

@@ -278,20 +278,28 @@ class CropSampler:
     """Random square crops (the same size for all, padded as invalid where a raster is smaller).
 
     With ``targets`` (per teacher, one uint8 probability map per raster, see targets.py) a batch also holds
-    the teachers' cached outputs for the same pixels as "targets" (B, teachers, H, W) in 0..1.
+    the teachers' cached outputs for the same pixels as "targets" (B, teachers, H, W) in 0..1. With
+    ``features`` (per teacher, its stride and one int8 (C, H / stride, W / stride) map per raster) it holds
+    "features_<i>" (B, C, crop / stride, crop / stride) for teacher i, and crops start on every stride's grid.
     """
 
     def __init__(self, rasters: list[Raster], labels: Optional[list[Label]], crop: int, normalizer: Normalizer,
-                 seed: int, targets: Optional[list[list[np.ndarray]]] = None) -> None:
+                 seed: int, targets: Optional[list[list[np.ndarray]]] = None,
+                 features: Optional[list[tuple[int, list[np.ndarray]]]] = None) -> None:
         self.rasters, self.labels, self.crop, self.normalizer = rasters, labels, crop, normalizer
-        self.seed, self.targets = seed, targets
+        self.seed, self.targets, self.features = seed, targets, features or []
+        self.align = int(np.lcm.reduce([s for s, _ in self.features])) if self.features else 1
+        if crop % self.align:
+            raise UserError(f"crop {crop} is not a multiple of the teachers' feature stride {self.align}",
+                            f"set crop to a multiple of {self.align}")
         areas = np.array([r.height * r.width for r in rasters], dtype=np.float64)
         self.weights = areas / areas.sum()
         self.rng = np.random.default_rng(seed)
 
-    def with_targets(self, targets: list[list[np.ndarray]]) -> CropSampler:
-        """The same crops (same seed) with teacher targets attached."""
-        return CropSampler(self.rasters, self.labels, self.crop, self.normalizer, self.seed, targets)
+    def with_targets(self, targets: list[list[np.ndarray]],
+                     features: Optional[list[tuple[int, list[np.ndarray]]]] = None) -> CropSampler:
+        """The same crops (same seed) with teacher targets (and features) attached."""
+        return CropSampler(self.rasters, self.labels, self.crop, self.normalizer, self.seed, targets, features)
 
     def sample(self, batch: int) -> dict[str, torch.Tensor]:
         c = self.crop
@@ -299,12 +307,14 @@ class CropSampler:
         labels = np.zeros((batch, c, c), np.float32)
         valid = np.zeros((batch, c, c), bool)
         targets = np.zeros((batch, len(self.targets), c, c), np.float32) if self.targets else None
+        features = [np.zeros((batch, maps[0].shape[0], c // s, c // s), np.float32) for s, maps in self.features]
         for i in range(batch):
             k = self.rng.choice(len(self.rasters), p=self.weights)
             raster = self.rasters[k]
             h, w = min(c, raster.height), min(c, raster.width)
-            y = int(self.rng.integers(0, raster.height - h + 1))
-            x = int(self.rng.integers(0, raster.width - w + 1))
+            a = self.align
+            y = int(self.rng.integers(0, raster.height - h + 1)) // a * a
+            x = int(self.rng.integers(0, raster.width - w + 1)) // a * a
             image, ok = raster.read(y, x, h, w)
             images[i, :, :h, :w] = self.normalizer(image)
             if self.labels is not None:
@@ -314,12 +324,16 @@ class CropSampler:
             if targets is not None:
                 for t, maps in enumerate(self.targets):
                     targets[i, t, :h, :w] = maps[k][y : y + h, x : x + w] / np.float32(255)
+            for out_features, (s, maps) in zip(features, self.features):
+                fy, fx, fh, fw = y // s, x // s, -(-h // s), -(-w // s)
+                out_features[i, :, :fh, :fw] = maps[k][:, fy : fy + fh, fx : fx + fw] / np.float32(127)
             valid[i, :h, :w] = ok
         out = {"image": torch.from_numpy(images), "valid": torch.from_numpy(valid)}
         if self.labels is not None:
             out["label"] = torch.from_numpy(labels)
         if targets is not None:
             out["targets"] = torch.from_numpy(targets)
+        out.update({f"features_{t}": torch.from_numpy(f) for t, f in enumerate(features)})
         return out
 
     def state(self) -> dict:

@@ -3,10 +3,9 @@
 The frozen teachers form an ensemble (mean probability). On labelled crops the student learns the labels
 and the ensemble's temperature-softened probabilities; on unlabelled crops it sees a strong view (CutMix +
 photometric) and learns the same soft targets plus the ensemble's confidence-weighted hard pseudo-labels.
-Teacher outputs come from the cache of targets.py, so a step costs two student passes and no teacher pass.
-Feature distillation (1x1 adapter per teacher onto its decoder features) needs the teachers' features for
-the student's exact view, so it runs the teachers online (only when ``w_feat`` > 0; docs/method.md weighs
-its cost against its gain). Without unlabelled data (``student_kd``) this is plain distillation.
+Teacher outputs and decoder features (for feature distillation: a 1x1 adapter per teacher maps the
+student's decoder features onto the teacher's) come from the cache of targets.py, so a step costs two
+student passes and no teacher pass. Without unlabelled data (``student_kd``) this is plain distillation.
 """
 
 from __future__ import annotations
@@ -31,13 +30,11 @@ class DistillStage(Stage):
         super().__init__(ctx)
         self.name, self.uses_unlabelled = name, unlabelled
         self.student = build_model(ctx.config.student, ctx.in_channels, ctx.config.weights)
-        self._samplers = (attach(ctx, teachers, ctx.labelled),
-                          attach(ctx, teachers, ctx.unlabelled) if unlabelled else None)
-        self.teachers = [ctx.run.load_model(t).to(ctx.device).eval() for t in teachers] if ctx.config.w_feat else []
-        for teacher in self.teachers:
-            teacher.requires_grad_(False)
+        features = ctx.config.w_feat > 0
+        lab = attach(ctx, teachers, ctx.labelled, features)
+        self._samplers = (lab, attach(ctx, teachers, ctx.unlabelled, features) if unlabelled else None)
         self.adapters = nn.ModuleList(
-            nn.Conv2d(self.student.feature_channels, t.feature_channels, 1) for t in self.teachers
+            nn.Conv2d(self.student.feature_channels, maps[0].shape[0], 1) for _, maps in lab.features
         )
 
     def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:
@@ -45,7 +42,7 @@ class DistillStage(Stage):
 
     def trainable(self) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {self.name: self.student}
-        if self.teachers:
+        if len(self.adapters):
             modules[f"{self.name}_adapters"] = self.adapters
         return modules
 
@@ -58,11 +55,9 @@ class DistillStage(Stage):
         teacher_prob = view["targets"].mean(1)
         teacher_logits = torch.logit(teacher_prob.clamp(1e-3, 1 - 1e-3))
         terms = {"loss_prob": prob_distill(logits, teacher_logits, view["valid"], self.ctx.config.temperature)}
-        if self.teachers:
-            with torch.no_grad():
-                t_feats = [t.forward_features(view["image"])[1] for t in self.teachers]
-            terms["loss_feat"] = sum(feature_distill(a(features), f) for a, f in zip(self.adapters, t_feats)) / len(
-                t_feats)
+        if len(self.adapters):
+            terms["loss_feat"] = sum(feature_distill(a(features), view[f"features_{i}"])
+                                     for i, a in enumerate(self.adapters)) / len(self.adapters)
         return logits, terms
 
     def losses(self, lab: dict, unl: Optional[dict]) -> dict[str, torch.Tensor]:

@@ -65,7 +65,7 @@ def _coverage(length: int, starts: list[int], ramp: np.ndarray) -> np.ndarray:
     return total
 
 
-def _pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Pad (C, h, w) at the bottom and right to at least (height, width): reflect where possible."""
     pad_h, pad_w = max(0, height - image.shape[1]), max(0, width - image.shape[2])
     if not pad_h and not pad_w:
@@ -108,7 +108,7 @@ def predict_strips(
     carry = np.zeros((0, full_w), dtype=np.float32)  # blended rows shared with the next strip
     for index, strip in enumerate(strips):
         y0, y1 = strip[0], strip[-1] + tile
-        image = _pad_to(read(y0, min(y1, height)), y1 - y0, full_w)
+        image = pad_to(read(y0, min(y1, height)), y1 - y0, full_w)
         acc = np.zeros((y1 - y0, full_w), dtype=np.float32)
         acc[: len(carry)] = carry
         windows = [(y, x) for y in strip for x in xs]

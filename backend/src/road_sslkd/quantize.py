@@ -1,7 +1,7 @@
 """INT8 quantisation of ONNX students for CPUs (onnxruntime static quantisation, QDQ format).
 
 Measured on the project's 2-core AVX2 CPU (docs/benchmarks/inference.md): static QDQ with per-channel
-weights runs the DeepLabV3+-MobileNetV2 student about twice as fast as fp32, while dynamic quantisation
+weights runs the MobileNetV2 students 1.3-2x as fast as fp32, while dynamic quantisation
 (ConvInteger) is slower than fp32, so static it is.
 
 Accuracy concern: activations are clipped to the ranges seen on the calibration tiles, and AVX2 CPUs
