@@ -11,8 +11,8 @@ canvas over it at the raster's resolution, and triggers the plugin's own "Segmen
 action: plan the window, read the pixels, run the ONNX student in a QgsTask (onnxruntime in-process), write
 the GeoTIFF and add the styled layer. The clock stops when the layer is in the project.
 
-The model is the real student architecture (DeepLabV3+-MobileNetV2) with the `cpu` preset's tile (256 px,
-25 % overlap) and random weights, exported by the backend (`.venv-backend`): speed does not depend on the
+The model is the `cpu` preset's student architecture with that preset's tile (256 px, 25 % overlap) and
+random weights, exported by the backend (`.venv-backend`): speed does not depend on the
 weights. The first click also loads the model (the plugin then keeps it); later clicks reuse it.
 """
 
@@ -47,22 +47,23 @@ EXPORT_CODE = """
 import sys
 from pathlib import Path
 from road_sslkd.export import export_onnx, onnx_metadata
+from road_sslkd.config import make_config
 from road_sslkd.models import build_model
 from road_sslkd.quantize import quantize_int8
-model = build_model("deeplabv3plus-mobilenet_v2", 3, weights="none")  # random weights: speed only
+model = build_model(make_config("cpu").student, 3, weights="none")  # random weights: speed only
 meta = onnx_metadata(model, [0.45, 0.45, 0.4], [0.22, 0.21, 0.21], tile=256, overlap_percent=25,
                      resolution_cm=50.0, extra={"road_sslkd_note": "untrained, for benchmarking speed"})
 export_onnx(model, Path(sys.argv[1]), meta, overwrite=True)
 quantize_int8(Path(sys.argv[1]), Path(sys.argv[1]).with_suffix(".int8.onnx"))
+Path(sys.argv[1]).with_suffix(".arch").write_text(model.name)
 """
 
 
-def export_student(path: Path) -> Path:
-    """An untrained DeepLabV3+-MobileNetV2 student and its INT8 copy, exported by the backend's own code."""
-    if not path.is_file() or not path.with_suffix(".int8.onnx").is_file():
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-        subprocess.run([str(BACKEND_PYTHON), "-c", EXPORT_CODE, str(path)], check=True, env=env)
-    return path
+def export_student(path: Path) -> tuple[Path, str]:
+    """An untrained `cpu`-preset student and its INT8 copy, exported by the backend's own code; and its name."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    subprocess.run([str(BACKEND_PYTHON), "-c", EXPORT_CODE, str(path)], check=True, env=env)
+    return path, path.with_suffix(".arch").read_text()
 
 
 def write_scene(path: Path, size: int = RASTER_PX) -> Path:
@@ -134,8 +135,13 @@ def run(args: argparse.Namespace) -> str:
     work.mkdir(parents=True, exist_ok=True)
     if args.model:
         models = [(Path(args.model).name, Path(args.model))]
+        model_note = f"{args.model} (given with --model)."
     else:
-        fp32 = export_student(work / "student_deeplabv3plus_mobilenet_v2.onnx")
+        fp32, architecture = export_student(work / "student.onnx")
+        model_note = (
+            f"the `cpu` preset's student architecture {architecture} with random weights, exported by the backend "
+            "(`export_onnx`; speed does not depend on the weights) with the preset's tiles (256 px, 25 % overlap: "
+            "25 tiles for this view), and its INT8 copy (`quantize_int8`, what `road-sslkd export --int8` writes).")
         models = [("student fp32", fp32), ("student INT8", fp32.with_suffix(".int8.onnx"))]
     scene = write_scene(work / "synthetic_scene.tif")
 
@@ -252,10 +258,7 @@ def run(args: argparse.Namespace) -> str:
         f"({RASTER_PX} x {RASTER_PX} px, 50 cm, roads on fields), the plugin's own \"Segment Roads in Visible "
         "Extent\" action: plan the window, read the pixels, QgsTask with onnxruntime in-process, GeoTIFF, "
         "styled layer in the \"Road SSLKD\" group. The clock starts at the click and stops when the layer is "
-        f"added to the project; the plugin read a {window_px[0]} x {window_px[1]} px window. Model: the student "
-        "architecture DeepLabV3+-MobileNetV2 with random weights, exported by the backend (`export_onnx`; speed "
-        "does not depend on the weights) with the `cpu` preset's tiles (256 px, 25 % overlap: 25 tiles for "
-        "this view), and its INT8 copy (`quantize_int8`, what `road-sslkd export --int8` writes).",
+        f"added to the project; the plugin read a {window_px[0]} x {window_px[1]} px window. Model: {model_note}",
         "",
         *summary,
         "",
