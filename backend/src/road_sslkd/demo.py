@@ -65,11 +65,18 @@ def run_demo(out: Path, device: str = "auto", command: str = "road-sslkd demo") 
         events.progress("demo-data", 0, 1)
         write_demo_dataset(data)
     spec = DatasetSpec.from_split(data)
-    run_path = out / "run"
+    run_path, config = out / "run", make_config("cpu", **DEMO_SETTINGS)
     if (run_path / "config.json").exists():
         run = RunDir.open(run_path)
-    else:
-        run = RunDir.create(run_path, make_config("cpu", **DEMO_SETTINGS), spec)
+        if run.config.to_json() != config.to_json():  # an older version's demo: keep it, start afresh
+            n = 1
+            while (out / f"run.old-{n}").exists():
+                n += 1
+            kept = out / f"run.old-{n}"
+            events.warning(f"{run_path} was made with other settings (an earlier version); moved to {kept}")
+            run_path.rename(kept)
+    if not (run_path / "config.json").exists():
+        run = RunDir.create(run_path, config, spec)
     metrics = train(run, device, command)
     model = load_model(run_path / "student.onnx")
     predictions = out / "predictions"
