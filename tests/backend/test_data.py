@@ -9,7 +9,8 @@ import torch
 from rasterio.transform import from_origin
 
 from road_sslkd import data
-from road_sslkd.data import CropSampler, Label, Normalizer, Pair, Raster, parse_pair
+from road_sslkd.data import CropSampler, Label, Normalizer, Pair, Raster, parse_pair, road_prior
+from road_sslkd.targets import prior_threshold
 
 
 def _write(path, array, nodata=None, crs="EPSG:32633", res=0.5):
@@ -106,6 +107,26 @@ def test_teacher_targets_are_cropped_with_the_image(tmp_path):
     assert batch["targets"].shape == (4, 2, 32, 32)
     assert torch.equal(batch["targets"][:, 0], batch["label"])
     assert torch.equal(batch["targets"][:, 1], 1 - batch["label"])
+
+
+def test_road_prior_weighs_masks_by_area(tmp_path):
+    small, large = np.zeros((10, 10), np.uint8), np.zeros((20, 20), np.uint8)
+    small[:5], large[:2] = 1, 1  # 50 % and 10 % road
+    labels = []
+    for name, mask in (("small", small), ("large", large)):
+        image = _write(tmp_path / f"{name}.tif", np.zeros((3, *mask.shape), np.uint8))
+        labels.append(Label(Pair(image, _write(tmp_path / f"{name}_mask.tif", mask)), Raster(image, [1, 2, 3]), 1.0))
+    assert road_prior(labels) == pytest.approx((50 + 40) / 500)
+
+
+def test_prior_threshold_of_the_teacher_ensemble():
+    # Two teachers over two rasters (uint8 maps); the ensemble is their mean.
+    a = [np.full((4, 5), 200, np.uint8), np.zeros((2, 5), np.uint8)]
+    b = [np.full((4, 5), 100, np.uint8), np.full((2, 5), 255, np.uint8)]
+    b[0][0] = 250  # the first row's ensemble is 225/255, the others' 150/255 and the second raster's 127.5/255
+    assert prior_threshold([a, b], fraction=5 / 30) == pytest.approx(300 / 510)  # only row 0 lies above
+    assert prior_threshold([a, b], fraction=20 / 30) == pytest.approx(255 / 510)
+    assert prior_threshold([a], fraction=0.0) == pytest.approx(200 / 255)
 
 
 def test_parse_pair_handles_windows_drives():

@@ -32,6 +32,20 @@ def test_confidence_weighted_pseudo_label():
     assert weight.tolist() == pytest.approx([0.8, 0.0, 0.6])
 
 
+def test_prior_shift_moves_the_threshold_to_one_half():
+    shifted = losses.shift_prior(torch.tensor([0.8, 0.9, 0.5]), threshold=0.8)
+    # logit(0.9) - logit(0.8) = log(9) - log(4); logit(0.5) - logit(0.8) = -log(4)
+    assert shifted.tolist() == pytest.approx([0.5, 1 / (1 + 4 / 9), 1 / (1 + 4)], rel=1e-5)
+    same = torch.tensor([0.1, 0.5, 0.7])
+    assert torch.allclose(losses.shift_prior(same, 0.5), same)
+
+
+def test_quantile_threshold_leaves_the_asked_fraction_above():
+    prob = torch.arange(100, dtype=torch.float32) / 100  # 0.00 ... 0.99
+    assert losses.quantile_threshold(prob, 0.2) == pytest.approx(0.79)  # 0.80 ... 0.99 lie above
+    assert losses.quantile_threshold(torch.ones(10), 0.2) == pytest.approx(1 - 1e-3)
+
+
 def test_prob_distill_is_zero_for_identical_and_matches_bernoulli_kl():
     valid = torch.ones(1, 1, dtype=torch.bool)
     same = losses.prob_distill(torch.tensor([[1.3]]), torch.tensor([[1.3]]), valid, temperature=2.0)

@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "single teacher a": {"student_teachers": ["a"]},
     "single teacher b": {"student_teachers": ["b"]},
     "25% of the unlabelled data": {"unlabelled_fraction": 0.25},
+    "no prior alignment": {"align_prior": False},
     "pseudo-labels thresholded (0.9)": {"confidence": "threshold"},
     "pseudo-labels unweighted": {"confidence": "none"},
     "temperature 1": {"temperature": 1.0},

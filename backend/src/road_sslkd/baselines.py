@@ -3,6 +3,9 @@
 Weak-to-strong consistency with two strong views (photometric + CutMix) and a feature-perturbed view
 (dropout on encoder features), the student's own pseudo-labels from the weak view, and the same
 confidence weighting and BCE + Dice loss as the SSLKD student, so the comparison isolates the teachers.
+With ``align_prior`` its pseudo-labels get the same prior alignment as the SSLKD student's: the threshold is
+a running mean (momentum 0.95) of the quantile of each weak-view batch that leaves the labelled masks' road
+fraction above it, since its own predictions move as it trains.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from typing import Optional
 import torch
 
 from . import augment
-from .losses import pseudo_label, seg_loss
+from .data import road_prior
+from .losses import pseudo_label, quantile_threshold, seg_loss, shift_prior
 from .models import SegModel, build_model
 from .trainer import Context, Stage, rampup
 
@@ -25,6 +29,14 @@ class UniMatchStage(Stage):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.model = build_model(ctx.config.student, ctx.in_channels, ctx.config.weights)
+        self.prior = road_prior(ctx.labelled.labels) if ctx.config.align_prior else None
+        self.threshold = 0.5
+
+    def state(self) -> dict:
+        return {"threshold": self.threshold}
+
+    def load_state(self, state: dict) -> None:
+        self.threshold = state.get("threshold", self.threshold)
 
     def trainable(self) -> dict[str, torch.nn.Module]:
         return {self.name: self.model}
@@ -38,6 +50,9 @@ class UniMatchStage(Stage):
         weak_img, valid = unl["image"], unl["valid"]
         with torch.no_grad():
             prob = torch.sigmoid(self.model(weak_img))[:, 0]
+            if self.prior is not None and valid.any():
+                self.threshold = 0.95 * self.threshold + 0.05 * quantile_threshold(prob[valid], self.prior)
+                prob = shift_prior(prob, self.threshold)
         fp_logits, _ = self.model.forward_features(weak_img, feature_dropout=0.5)
         target, weight = pseudo_label(prob)
         unsup = 0.5 * seg_loss(fp_logits, target, valid, weight)
@@ -47,4 +62,5 @@ class UniMatchStage(Stage):
             t, wt = pseudo_label(view["targets"][:, 0])
             unsup = unsup + 0.25 * seg_loss(self.model(view["image"]), t, view["valid"], wt)
         loss = sup + rampup(self.progress) * self.ctx.config.w_unsup * unsup
-        return {"loss": loss, "loss_sup": sup.detach(), "loss_unsup": unsup.detach()}
+        return {"loss": loss, "loss_sup": sup.detach(), "loss_unsup": unsup.detach(),
+                "pseudo_threshold": torch.tensor(self.threshold)}

@@ -197,6 +197,12 @@ class Label:
         return float((mask == 1).sum() / max(1, known.sum()))
 
 
+def road_prior(labels: list[Label]) -> float:
+    """The road fraction of labelled pixels over all masks (each weighted by its area)."""
+    areas = [label.raster.height * label.raster.width for label in labels]
+    return float(np.average([label.road_fraction() for label in labels], weights=areas))
+
+
 def _rasterise_vector(path: Path, raster: Raster, width: float) -> np.ndarray:
     import pyogrio
     import shapely

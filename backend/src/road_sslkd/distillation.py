@@ -6,6 +6,10 @@ photometric) and learns the same soft targets plus the ensemble's confidence-wei
 Teacher outputs and decoder features (for feature distillation: a 1x1 adapter per teacher maps the
 student's decoder features onto the teacher's) come from the cache of targets.py, so a step costs two
 student passes and no teacher pass. Without unlabelled data (``student_kd``) this is plain distillation.
+
+With ``align_prior`` the ensemble's probabilities are shifted (losses.shift_prior) before they become soft
+targets or pseudo-labels, so that on each set of rasters (labelled, unlabelled) they call as many pixels road
+as the labelled masks hold: the teachers over-predict thin roads and the student would learn their widening.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import augment
-from .data import CropSampler
-from .losses import feature_distill, prob_distill, pseudo_label, seg_loss
+from . import augment, events
+from .data import CropSampler, road_prior
+from .losses import feature_distill, prob_distill, pseudo_label, seg_loss, shift_prior
 from .models import SegModel, build_model
-from .targets import attach
+from .targets import attach, prior_threshold
 from .trainer import Context, Stage
 
 
@@ -33,6 +37,15 @@ class DistillStage(Stage):
         features = ctx.config.w_feat > 0
         lab = attach(ctx, teachers, ctx.labelled, features)
         self._samplers = (lab, attach(ctx, teachers, ctx.unlabelled, features) if unlabelled else None)
+        self.thresholds = [0.5, 0.5]  # per sampler (labelled, unlabelled): the ensemble's 0.5 after the shift
+        if ctx.config.align_prior:
+            prior = road_prior(lab.labels)
+            for i, (sampler, kind) in enumerate(zip(self._samplers, ("labelled", "unlabelled"))):
+                if sampler is not None:
+                    self.thresholds[i] = prior_threshold(sampler.targets, prior)
+                    events.metric(f"prior_threshold_{kind}", self.thresholds[i], stage=name)
+            events.log.info("%s: labelled road fraction %.3f; teacher ensemble thresholds %.3f (labelled), "
+                            "%.3f (unlabelled)", name, prior, *self.thresholds)
         self.adapters = nn.ModuleList(
             nn.Conv2d(self.student.feature_channels, maps[0].shape[0], 1) for _, maps in lab.features
         )
@@ -49,10 +62,9 @@ class DistillStage(Stage):
     def outputs(self) -> dict[str, SegModel]:
         return {self.name: self.student}
 
-    def _student(self, view: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _student(self, view: dict, teacher_prob: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student logits on a view and its distillation terms against the teachers."""
         logits, features = self.student.forward_features(view["image"])
-        teacher_prob = view["targets"].mean(1)
         teacher_logits = torch.logit(teacher_prob.clamp(1e-3, 1 - 1e-3))
         terms = {"loss_prob": prob_distill(logits, teacher_logits, view["valid"], self.ctx.config.temperature)}
         if len(self.adapters):
@@ -63,14 +75,15 @@ class DistillStage(Stage):
     def losses(self, lab: dict, unl: Optional[dict]) -> dict[str, torch.Tensor]:
         cfg = self.ctx.config
         lab = augment.weak(lab)
-        logits, terms = self._student(lab)
+        logits, terms = self._student(lab, shift_prior(lab["targets"].mean(1), self.thresholds[0]))
         terms["loss_sup"] = seg_loss(logits, lab["label"], lab["valid"])
         if self.uses_unlabelled:
             view = augment.strong_mix(augment.weak(unl))
-            logits_u, terms_u = self._student(view)
+            teacher_prob = shift_prior(view["targets"].mean(1), self.thresholds[1])
+            logits_u, terms_u = self._student(view, teacher_prob)
             for key, value in terms_u.items():
                 terms[key] = (terms[key] + value) / 2
-            target, weight = pseudo_label(view["targets"].mean(1), cfg.confidence)
+            target, weight = pseudo_label(teacher_prob, cfg.confidence)
             terms["loss_unsup"] = seg_loss(logits_u, target, view["valid"], weight)
         loss = (terms["loss_sup"] + cfg.w_prob * terms["loss_prob"] + cfg.w_unsup * terms.get("loss_unsup", 0.0)
                 + cfg.w_feat * terms.get("loss_feat", 0.0))

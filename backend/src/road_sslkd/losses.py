@@ -6,6 +6,7 @@ pair BCE with a soft Dice term, and pseudo-labels are weighted by confidence ins
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -54,6 +55,25 @@ def pseudo_label(prob: torch.Tensor, confidence: str = "weight") -> tuple[torch.
     elif confidence == "none":
         certainty = torch.ones_like(prob)
     return (prob > 0.5).float(), certainty
+
+
+def shift_prior(prob: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Probabilities with their logits shifted so that ``threshold`` maps to 0.5.
+
+    Networks trained with BCE + Dice on thin roads call too many pixels road at 0.5 (their precision is well
+    below their recall), and pseudo-labels and soft targets pass that bias on, widening the roads a student
+    learns. ``threshold`` is chosen so that the shifted targets' road fraction matches the labelled masks'
+    (prior alignment; see targets.prior_threshold and baselines.py).
+    """
+    p = prob.clamp(1e-3, 1 - 1e-3)
+    return torch.sigmoid(torch.log(p / (1 - p)) - math.log(threshold / (1 - threshold)))
+
+
+def quantile_threshold(prob: torch.Tensor, fraction: float) -> float:
+    """The probability above which ``fraction`` of the values lie (at least 1e-3 from 0 and 1)."""
+    values = prob.flatten().float()
+    k = min(values.numel(), max(1, round(values.numel() * (1 - fraction))))
+    return float(values.kthvalue(k).values.clamp(1e-3, 1 - 1e-3))
 
 
 def prob_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor,

@@ -123,6 +123,22 @@ def _save(path: Path, array: np.ndarray) -> None:
     partial.replace(path)  # an interrupted run never leaves a map that looks complete
 
 
+def prior_threshold(maps: list[list[np.ndarray]], fraction: float, rows: int = 1024) -> float:
+    """The ensemble probability above which ``fraction`` of the pixels of these cached maps lie.
+
+    ``maps`` holds one list of uint8 maps per teacher; the ensemble is their mean, as the students see it.
+    Counted exactly from a histogram of the summed maps, a block of rows at a time.
+    """
+    top = 255 * len(maps)
+    hist = np.zeros(top + 1, np.int64)
+    for per_raster in zip(*maps):
+        for y in range(0, per_raster[0].shape[0], rows):
+            total = sum(m[y : y + rows].astype(np.int32) for m in per_raster)
+            hist += np.bincount(total.ravel(), minlength=top + 1)
+    above = 1 - np.cumsum(hist) / max(1, hist.sum())  # above[v]: share of pixels > v (0 at the top)
+    return float(np.clip(np.argmax(above <= fraction + 1e-12) / top, 1e-3, 1 - 1e-3))
+
+
 def attach(ctx: Context, teachers: tuple[str, ...], sampler: CropSampler, features: bool = False) -> CropSampler:
     """``sampler`` with the teachers' cached maps (and, asked for, decoder features) of its rasters attached."""
     return sampler.with_targets([teacher_maps(ctx, t, sampler.rasters) for t in teachers],

@@ -83,6 +83,13 @@ class Stage:
         """Loss terms; the key "loss" is the total that is minimised."""
         raise NotImplementedError
 
+    def state(self) -> dict:
+        """What a stage keeps between steps besides its modules (saved in checkpoints)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore ``state()`` when a stage resumes."""
+
 
 def _lr(cfg: Config, step: int, total: int) -> float:
     if step < cfg.warmup:
@@ -151,6 +158,7 @@ def run_stage(stage: Stage, ctx: Context) -> None:
             if unl_sampler is not None and rng.get("unlabelled_rng"):
                 unl_sampler.set_state(rng["unlabelled_rng"])
             torch.set_rng_state(rng["torch_rng"])
+        stage.load_state(state.get("stage", {}))
         start, elapsed = state["step"], state["elapsed"]
         events.log.info("stage %s resumed at step %d/%d", stage.name, start, total)
 
@@ -162,7 +170,7 @@ def run_stage(stage: Stage, ctx: Context) -> None:
         run.save_checkpoint(stage.name, {
             "step": step, "elapsed": elapsed + time.monotonic() - t0,
             "modules": {n: m.state_dict() for n, m in modules.items()},
-            "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), **rng,
+            "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), "stage": stage.state(), **rng,
             **({"rank_rngs": rank_rngs} if len(rank_rngs) > 1 else {}),
         })
         distributed.barrier()  # no rank stops (and makes torchrun end the others) before the checkpoint is saved
