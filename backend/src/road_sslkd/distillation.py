@@ -44,8 +44,8 @@ class DistillStage(Stage):
                 if sampler is not None:
                     self.thresholds[i] = prior_threshold(sampler.targets, prior)
                     events.metric(f"prior_threshold_{kind}", self.thresholds[i], stage=name)
-            events.log.info("%s: labelled road fraction %.3f; teacher ensemble thresholds %.3f (labelled), "
-                            "%.3f (unlabelled)", name, prior, *self.thresholds)
+                    events.log.info("%s: the teachers' %.3f becomes 0.5 on %s crops (labelled road fraction %.3f)",
+                                    name, self.thresholds[i], kind, prior)
         self.adapters = nn.ModuleList(
             nn.Conv2d(self.student.feature_channels, maps[0].shape[0], 1) for _, maps in lab.features
         )
