@@ -65,7 +65,7 @@ class DistillStage(Stage):
     def _student(self, view: dict, teacher_prob: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student logits on a view and its distillation terms against the teachers."""
         logits, features = self.student.forward_features(view["image"])
-        teacher_logits = torch.logit(teacher_prob.clamp(1e-3, 1 - 1e-3))
+        teacher_logits = torch.logit(teacher_prob, eps=1e-3)
         terms = {"loss_prob": prob_distill(logits, teacher_logits, view["valid"], self.ctx.config.temperature)}
         if len(self.adapters):
             terms["loss_feat"] = sum(feature_distill(a(features), view[f"features_{i}"])

@@ -65,8 +65,7 @@ def shift_prior(prob: torch.Tensor, threshold: float) -> torch.Tensor:
     learns. ``threshold`` is chosen so that the shifted targets' road fraction matches the labelled masks'
     (prior alignment; see targets.prior_threshold and baselines.py).
     """
-    p = prob.clamp(1e-3, 1 - 1e-3)
-    return torch.sigmoid(torch.log(p / (1 - p)) - math.log(threshold / (1 - threshold)))
+    return torch.sigmoid(torch.logit(prob, eps=1e-3) - math.log(threshold / (1 - threshold)))
 
 
 def quantile_threshold(prob: torch.Tensor, fraction: float) -> float:
