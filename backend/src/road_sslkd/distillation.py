@@ -19,11 +19,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import augment, events
-from .data import CropSampler, road_prior
+from . import augment
+from .data import CropSampler
 from .losses import feature_distill, prob_distill, pseudo_label, seg_loss, shift_prior
 from .models import SegModel, build_model
-from .targets import attach, prior_threshold
+from .targets import aligned_threshold, attach
 from .trainer import Context, Stage
 
 
@@ -37,15 +37,9 @@ class DistillStage(Stage):
         features = ctx.config.w_feat > 0
         lab = attach(ctx, teachers, ctx.labelled, features)
         self._samplers = (lab, attach(ctx, teachers, ctx.unlabelled, features) if unlabelled else None)
-        self.thresholds = [0.5, 0.5]  # per sampler (labelled, unlabelled): the ensemble's 0.5 after the shift
-        if ctx.config.align_prior:
-            prior = road_prior(lab.labels)
-            for i, (sampler, kind) in enumerate(zip(self._samplers, ("labelled", "unlabelled"))):
-                if sampler is not None:
-                    self.thresholds[i] = prior_threshold(sampler.targets, prior)
-                    events.metric(f"prior_threshold_{kind}", self.thresholds[i], stage=name)
-                    events.log.info("%s: the teachers' %.3f becomes 0.5 on %s crops (labelled road fraction %.3f)",
-                                    name, self.thresholds[i], kind, prior)
+        # per sampler (labelled, unlabelled): the ensemble's probability that becomes 0.5 after the shift
+        self.thresholds = [aligned_threshold(ctx, sampler.targets, name, kind) if sampler is not None else 0.5
+                           for sampler, kind in zip(self._samplers, ("labelled", "unlabelled"))]
         self.adapters = nn.ModuleList(
             nn.Conv2d(self.student.feature_channels, maps[0].shape[0], 1) for _, maps in lab.features
         )

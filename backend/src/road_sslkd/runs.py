@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -112,6 +113,8 @@ class RunDir:
 
     def save_model(self, name: str, model: SegModel) -> Path:
         path = self.model_path(name)
+        # Maps cached from an earlier model of this name (targets.py) would be stale.
+        shutil.rmtree(self.path / "targets" / name, ignore_errors=True)
         path.parent.mkdir(exist_ok=True)
         _atomic_write(path, lambda p: torch.save({"arch": model.name, "state_dict": model.state_dict()}, p))
         return path

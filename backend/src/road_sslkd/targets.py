@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import events
-from .data import CropSampler, Raster
+from .data import CropSampler, Raster, road_prior
 from .engine import pad_to
 from .evaluate import predict_raster, torch_infer
 from .models import SegModel
@@ -137,6 +137,21 @@ def prior_threshold(maps: list[list[np.ndarray]], fraction: float, rows: int = 1
             hist += np.bincount(total.ravel(), minlength=top + 1)
     above = 1 - np.cumsum(hist) / max(1, hist.sum())  # above[v]: share of pixels > v (0 at the top)
     return float(np.clip(np.argmax(above <= fraction + 1e-12) / top, 1e-3, 1 - 1e-3))
+
+
+def aligned_threshold(ctx: Context, maps: list[list[np.ndarray]], stage: str, kind: str) -> float:
+    """The ensemble probability that prior alignment shifts to 0.5 on these maps (0.5 with it off).
+
+    Reported as the metric event ``prior_threshold_<kind>`` of ``stage`` and in the log.
+    """
+    if not ctx.config.align_prior:
+        return 0.5
+    prior = road_prior(ctx.labelled.labels)
+    threshold = prior_threshold(maps, prior)
+    events.metric(f"prior_threshold_{kind}", threshold, stage=stage)
+    events.log.info("%s: the teachers' %.3f becomes 0.5 on %s crops (labelled road fraction %.3f)",
+                    stage, threshold, kind, prior)
+    return threshold
 
 
 def attach(ctx: Context, teachers: tuple[str, ...], sampler: CropSampler, features: bool = False) -> CropSampler:
