@@ -101,6 +101,9 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
     assert (run / "models" / "teacher_a.pt").is_file()
     assert not (run / "models" / "teacher_b.pt").exists()
     stamp = (run / "models" / "teacher_a.pt").stat().st_mtime
+    stale = run / "targets" / "teacher_b" / "left_by_an_earlier_teacher_b.npy"  # as a deleted model would leave
+    stale.parent.mkdir(parents=True)
+    np.save(stale, np.zeros((2, 2), np.uint8))
 
     time.sleep(0.01)
     code, events, stderr = run_cli("train", "--resume", str(run))
@@ -111,6 +114,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
     assert (run / "models" / "teacher_a.pt").stat().st_mtime == stamp
     assert (run / "models" / "teacher_b.pt").is_file()
     assert not (run / "checkpoints" / "teacher_b.pt").exists()
+    assert not stale.exists()  # maps cached from another teacher_b would be stale
 
 
 def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):
