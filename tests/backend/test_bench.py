@@ -21,9 +21,7 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
         # Prior alignment: pseudo-label thresholds follow the labelled road fraction, not a fixed 0.5.
         metrics = {(e["stage"], e["name"]): e["value"] for e in child if e["event"] == "metric"}
         for key in (("student_ssl", "pseudo_threshold"), ("student_sslkd", "prior_threshold_unlabelled"),
-                    ("student_sslkd", "prior_threshold_labelled"), ("student_kd", "prior_threshold_labelled"),
-                    ("teachers_ssl", "prior_threshold_unlabelled_teacher_a"),
-                    ("teachers_ssl", "prior_threshold_unlabelled_teacher_b")):
+                    ("student_sslkd", "prior_threshold_labelled"), ("student_kd", "prior_threshold_labelled")):
             assert 0 < metrics[key] < 1 and metrics[key] != 0.5, key
     report = json.loads((out / "report.json").read_text())
     assert {"dataset", "preset", "seeds", "command", "models"} <= set(report)

@@ -4,9 +4,7 @@ In the cross-model stage each teacher's hard pseudo-labels supervise the other t
 strong (CutMix + photometric) view of unlabelled crops, as in CPS but across two different architectures,
 whose different inductive biases make their errors less correlated than two copies of one network. The
 pseudo-labels are the warm-up teachers' cached whole-raster predictions (targets.py): computed once, they
-cost no forward pass per step, which is what lets this stage run on a 2-core CPU. With ``align_prior`` each
-teacher's map is shifted before it is thresholded, so that its pseudo-labels call as much road as the
-labelled masks hold (losses.shift_prior); without it the teachers teach each other their over-prediction.
+cost no forward pass per step, which is what lets this stage run on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -17,9 +15,9 @@ import torch
 
 from . import augment
 from .data import CropSampler
-from .losses import pseudo_label, seg_loss, shift_prior
+from .losses import pseudo_label, seg_loss
 from .models import SegModel, build_model
-from .targets import aligned_threshold, attach
+from .targets import attach
 from .trainer import Context, Stage
 
 
@@ -58,9 +56,6 @@ class CrossModelStage(Stage):
         self.b = ctx.run.load_model(second)
         self.names = (f"{first}_ssl", f"{second}_ssl")
         self.unlabelled = attach(ctx, (first, second), ctx.unlabelled)
-        # each teacher's own map is aligned: they over-predict by different amounts
-        self.thresholds = [aligned_threshold(ctx, [maps], self.name, f"unlabelled_{teacher}")
-                           for teacher, maps in zip((first, second), self.unlabelled.targets)]
 
     def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:
         return self.ctx.labelled, self.unlabelled
@@ -78,7 +73,7 @@ class CrossModelStage(Stage):
         cross = unl["image"].new_zeros(())
         # targets[:, 0] is teacher a's output, targets[:, 1] teacher b's: each learns from the other.
         for model, other in ((self.a, 1), (self.b, 0)):
-            target, weight = pseudo_label(shift_prior(view["targets"][:, other], self.thresholds[other]))
+            target, weight = pseudo_label(view["targets"][:, other])
             cross = cross + seg_loss(model(view["image"]), target, view["valid"], weight)
         loss = sup + self.ctx.config.w_unsup_teacher * cross
         return {"loss": loss, "loss_sup": sup.detach(), "loss_cross": cross.detach()}
