@@ -39,7 +39,7 @@ class Config:
     warmup: int = 15
     # Student losses: L = sup + w_prob * prob + w_unsup * pseudo + w_feat * feat (docs/method.md).
     student_teachers: list[str] = field(default_factory=lambda: ["a", "b"])  # the ensemble: a, b or both
-    w_feat: float = 1.0  # feature distillation from cached teacher features (+4.4 validation IoU, method.md)
+    w_feat: float = 1.0  # feature distillation from cached teacher features (+4.4 in the earlier ablation; method.md)
     align_prior: bool = True  # pseudo-labels and soft targets call as much road as the labelled masks (method.md)
     confidence: str = "weight"  # how the student weighs pseudo-labels: one of CONFIDENCE (losses.pseudo_label)
     w_prob: float = 1.0
