@@ -120,19 +120,19 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
 def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "ablation"
-    variants = ["default", "no feature distillation", "single teacher b", "25% of the unlabelled data"]
+    variants = ["default", "no feature distillation", "teacher pair", "25% of the unlabelled data"]
     code, events = run_main("ablate", str(run), "--out", str(out), "--variants", ",".join(variants),
                             "--steps", "2", "--holdout", "1")
     assert code == 0, errors(events)
     rows = json.loads((out / "ablation.json").read_text())
     assert [r["variant"] for r in rows] == variants
     assert all(0.0 <= r["val_iou"] <= 1.0 for r in rows)
-    assert "| single teacher b |" in (out / "ablation.md").read_text()
+    assert "| teacher pair |" in (out / "ablation.md").read_text()
     # The teachers' outputs are computed once into the shared cache, for the two SSL teachers only.
     assert {p.relative_to(out / "targets").parts[0] for p in (out / "targets").rglob("*.npy")} == {
         "teacher_a_ssl", "teacher_b_ssl"}
-    single = json.loads((out / "single_teacher_b" / "config.json").read_text())
-    assert single["config"]["student_teachers"] == ["b"] and single["config"]["stages"] == ["student_sslkd"]
+    pair = json.loads((out / "teacher_pair" / "config.json").read_text())
+    assert pair["config"]["student_teachers"] == ["a", "b"] and pair["config"]["stages"] == ["student_sslkd"]
     fewer = json.loads((out / "25__of_the_unlabelled_data" / "config.json").read_text())
     assert len(fewer["dataset"]["unlabelled"]) == 1  # a quarter of the 2 synthetic unlabelled scenes, at least 1
     default = out / "default" / "models"
