@@ -117,6 +117,24 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
     assert not stale.exists()  # maps cached from another teacher_b would be stale
 
 
+def test_cross_model_stage_learning_rate_scale(tiny_run, tiny_dataset, run_main, tmp_path):
+    """teachers_ssl_lr_scale sets the cross-model stage's peak learning rate: at 0 no weight moves."""
+    def moved(run: RunDir, name: str) -> bool:
+        before, after = run.load_model(name).state_dict(), run.load_model(f"{name}_ssl").state_dict()
+        weights = [k for k in before if k.endswith("weight")]
+        assert weights
+        return any(not torch.equal(before[k], after[k]) for k in weights)
+
+    config = tmp_path / "frozen.json"
+    config.write_text(json.dumps({"teachers_ssl_lr_scale": 0.0}))
+    code, events = run_main("train", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(tmp_path / "run"),
+                            "--config", str(config), "--stages", "teacher_a,teacher_b,teachers_ssl")
+    assert code == 0, errors(events)
+    frozen, default = RunDir.open(tmp_path / "run"), RunDir.open(tiny_run[0])
+    assert not moved(frozen, "teacher_a") and not moved(frozen, "teacher_b")
+    assert moved(default, "teacher_a") and moved(default, "teacher_b")
+
+
 def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "ablation"

@@ -48,6 +48,7 @@ class Config:
     w_unsup: float = 1.0
     temperature: float = 2.0
     w_unsup_teacher: float = 1.0  # cross-model pseudo-label weight for the teachers
+    teachers_ssl_lr_scale: float = 1.0  # the cross-model stage's peak learning rate, as a fraction of lr
     int8: bool = True  # also ship student.int8.onnx (faster, a third less memory) when within 1 IoU point
     tile: int = 256  # evaluation / inference tile
     overlap: int = 25  # percent of the tile

@@ -55,6 +55,7 @@ class CrossModelStage(Stage):
         self.a = ctx.run.load_model(first)
         self.b = ctx.run.load_model(second)
         self.names = (f"{first}_ssl", f"{second}_ssl")
+        self.lr_scale = ctx.config.teachers_ssl_lr_scale  # it starts from trained networks
         self.unlabelled = attach(ctx, (first, second), ctx.unlabelled)
 
     def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:

@@ -64,6 +64,7 @@ class Stage:
     name: str = ""
     step_kind: str = "student"  # which entry of Config.steps sets its length
     uses_unlabelled: bool = False
+    lr_scale: float = 1.0  # peak learning rate as a fraction of the config's lr
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -91,11 +92,11 @@ class Stage:
         """Restore ``state()`` when a stage resumes."""
 
 
-def _lr(cfg: Config, step: int, total: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def _lr(peak: float, warmup: int, step: int, total: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _to(batch: Optional[dict[str, torch.Tensor]], device: torch.device) -> Optional[dict[str, torch.Tensor]]:
@@ -186,7 +187,7 @@ def run_stage(stage: Stage, ctx: Context) -> None:
             checkpoint(step)
             raise events.Cancelled(f"stopped during {stage.name} at step {step}/{total}; checkpoint saved")
         for group in optimiser.param_groups:
-            group["lr"] = _lr(cfg, step, total)
+            group["lr"] = _lr(cfg.lr * stage.lr_scale, cfg.warmup, step, total)
         stage.progress = step / total
         optimiser.zero_grad(set_to_none=True)
         for micro in range(cfg.accumulate):  # gradients of the micro-batches add up to the batch's
