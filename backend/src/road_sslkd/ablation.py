@@ -2,9 +2,10 @@
 
 Every variant retrains only the SSLKD student, from the semi-supervised teachers of a finished run (a
 benchmark seed), with one setting changed. The student of every variant trains on the labelled set minus
-``--holdout`` images, which it never sees, and is scored on them (whole images, road IoU). The teachers did
-see those images during their own training, so absolute scores are optimistic; the differences between
-variants are what the table is for. Each variant is an ordinary run folder under OUT_DIR (resumable).
+``--holdout`` images, which it never sees, and is scored on them (whole images, road IoU). The teachers of a
+benchmark seed saw those images in their own training, which inflates the scores, most for variants that
+copy the teachers closely (docs/method.md, "Ablation"); a source trained with the same ``holdout`` setting
+avoids that. Each variant is an ordinary run folder under OUT_DIR (resumable).
 """
 
 from __future__ import annotations
