@@ -1,8 +1,9 @@
 """The SSLKD student: L = L_sup + w_prob L_prob + w_unsup L_unsup + w_feat L_feat (after Ma et al., 2024).
 
-The frozen teachers form an ensemble (mean probability). On labelled crops the student learns the labels
-and the ensemble's temperature-softened probabilities; on unlabelled crops it sees a strong view (CutMix +
-photometric) and learns the same soft targets plus the ensemble's confidence-weighted hard pseudo-labels.
+The frozen teachers (``student_teachers``: one, or several averaged) give the targets. On labelled crops
+the student learns the labels and the teachers' temperature-softened probabilities; on unlabelled crops it
+sees a strong view (CutMix + photometric) and learns the same soft targets plus the teachers'
+confidence-weighted hard pseudo-labels.
 Teacher outputs and decoder features (for feature distillation: a 1x1 adapter per teacher maps the
 student's decoder features onto the teacher's) come from the cache of targets.py, so a step costs two
 student passes and no teacher pass. Without unlabelled data (``student_kd``) this is plain distillation.
