@@ -8,7 +8,7 @@ Teacher outputs and decoder features (for feature distillation: a 1x1 adapter pe
 student's decoder features onto the teacher's) come from the cache of targets.py, so a step costs two
 student passes and no teacher pass. Without unlabelled data (``student_kd``) this is plain distillation.
 
-With ``align_prior`` the ensemble's probabilities are shifted (losses.shift_prior) before they become soft
+With ``align_prior`` the teachers' probabilities are shifted (losses.shift_prior) before they become soft
 targets or pseudo-labels, so that on each set of rasters (labelled, unlabelled) they call as many pixels road
 as the labelled masks hold: the teachers over-predict thin roads and the student would learn their widening.
 """
@@ -38,7 +38,7 @@ class DistillStage(Stage):
         features = ctx.config.w_feat > 0
         lab = attach(ctx, teachers, ctx.labelled, features)
         self._samplers = (lab, attach(ctx, teachers, ctx.unlabelled, features) if unlabelled else None)
-        # per sampler (labelled, unlabelled): the ensemble's probability that becomes 0.5 after the shift
+        # per sampler (labelled, unlabelled): the teachers' probability that becomes 0.5 after the shift
         self.thresholds = [aligned_threshold(ctx, sampler.targets, name, kind) if sampler is not None else 0.5
                            for sampler, kind in zip(self._samplers, ("labelled", "unlabelled"))]
         self.adapters = nn.ModuleList(
