@@ -3,7 +3,7 @@
 import json
 
 REQUIRED = {"iou", "iou_std", "f1", "precision", "recall", "relaxed_f1", "params", "gflops", "mpx_per_s",
-            "train_seconds"}
+            "setup_seconds", "train_seconds"}
 MODELS = {"student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
           "student_kd", "student_sslkd"}
 

@@ -135,6 +135,14 @@ def test_cross_model_stage_learning_rate_scale(tiny_run, tiny_dataset, run_main,
     assert moved(default, "teacher_a") and moved(default, "teacher_b")
 
 
+def test_a_run_written_before_a_setting_keeps_its_earlier_behaviour(tiny_run, tmp_path):
+    stored = json.loads((tiny_run[0] / "config.json").read_text())
+    assert stored["config"].pop("teacher_tta") is True  # today's default
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
+    assert RunDir.open(tmp_path / "old").config.teacher_tta is False  # its students learnt from one pass
+
+
 def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "ablation"

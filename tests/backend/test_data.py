@@ -186,3 +186,27 @@ def test_teacher_features_of_large_rasters_are_stitched_from_blocks(tmp_path, mo
     assert np.allclose(norms, 1.0, atol=0.05)  # stored per-pixel normalised
     cosine = (whole.astype(np.float32) * blocks).sum(0) / 127**2
     assert np.median(cosine) > 0.99 and cosine.min() > 0.8
+
+
+def test_teacher_maps_with_test_time_augmentation_do_not_depend_on_orientation(tmp_path):
+    from types import SimpleNamespace
+
+    from road_sslkd.models import build_model
+    from road_sslkd.targets import teacher_maps
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 255, (3, 96, 96), dtype=np.uint8)
+    upright = Raster(_write(tmp_path / "upright.tif", pixels), [1, 2, 3])
+    turned = Raster(_write(tmp_path / "turned.tif", np.ascontiguousarray(np.rot90(pixels, 1, (1, 2)))), [1, 2, 3])
+    torch.manual_seed(0)
+    model = build_model("tiny-fpn", weights="none").eval()
+    run = SimpleNamespace(path=tmp_path / "run", load_model=lambda name: model)
+    ctx = SimpleNamespace(run=run, device=torch.device("cpu"), normalizer=Normalizer.fit([upright]),
+                          config=SimpleNamespace(tile=64, overlap=25))
+    plain = teacher_maps(ctx, "teacher", [upright, turned])
+    tta = teacher_maps(ctx, "teacher", [upright, turned], tta=True)
+    folder = run.path / "targets" / "teacher"
+    assert len(list(folder.glob("*.npy"))) == len(list((folder / "dihedral").glob("*.npy"))) == 2
+    # One pass sees a rotated scene differently; the mean over the 8 views is the same map, rotated.
+    assert np.abs(np.rot90(plain[0]).astype(int) - plain[1]).max() > 1
+    assert np.abs(np.rot90(tta[0]).astype(int) - tta[1]).max() <= 1

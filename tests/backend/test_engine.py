@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from road_sslkd.engine import blend_weights, predict_strips, predict_tiled, tile_starts
+from road_sslkd.engine import blend_weights, dihedral, predict_strips, predict_tiled, tile_starts
 from road_sslkd.events import UserError
 from road_sslkd.onnx_runtime import DEFAULT_TILE, load_model
 from road_sslkd.quantize import quantize_int8, synthetic_tiles
@@ -87,6 +87,23 @@ def test_blend_weights_peak_in_the_middle_and_never_vanish():
     assert weights.shape == (64, 64) and np.allclose(weights, weights.T)
     assert weights[32, 32] == 1.0 and weights.min() > 0
     assert weights[0, 32] < weights[8, 32] < weights[16, 32]
+
+
+def test_dihedral_averages_the_eight_views_back_on_the_tile_grid():
+    rng = np.random.default_rng(0)
+    batch = rng.random((2, 3, 32, 48), dtype=np.float32)
+    # A per-pixel function does not care about orientation: the average is the function itself.
+    def per_pixel(b):
+        return 1 / (1 + np.exp(-b.mean(1)))
+
+    np.testing.assert_allclose(dihedral(per_pixel)(batch), per_pixel(batch), rtol=1e-6)
+    # A column ramp is seen as x, 1 - x, y and 1 - y, twice each, so on a square tile the average is 0.5.
+    def column(b):
+        return np.broadcast_to(np.linspace(0, 1, b.shape[3], dtype=np.float32), (b.shape[0], *b.shape[2:]))
+
+    square = batch[..., :32]
+    np.testing.assert_allclose(dihedral(column)(square), np.full((2, 32, 32), 0.5), atol=1e-6)
+    assert dihedral(column)(batch).shape == (2, 32, 48)
 
 
 def test_metadata_is_read_once_into_model_info(ours):

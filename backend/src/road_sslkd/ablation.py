@@ -34,6 +34,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "temperature 1": {"temperature": 1.0},
     "temperature 4": {"temperature": 4.0},
     "no feature distillation": {"w_feat": 0.0},
+    # Both ways: a source run written before the setting existed has one-pass targets as its default.
+    "one-pass targets": {"teacher_tta": False},
+    "test-time augmented targets": {"teacher_tta": True},
 }
 """Variant name -> overrides of the run's config ("unlabelled_fraction" keeps the first part of the pool)."""
 

@@ -180,8 +180,8 @@ def report_markdown(report: dict) -> str:
         f"{report['machine']['cpu']} ({report['machine']['cores']} cores), GPU: {report['machine']['gpu']}.",
         "",
         "Road-class metrics on the whole test rasters (percent, mean ± std over seeds); relaxed F1 counts a hit "
-        "within 3 px; Mpx/s is onnxruntime on this CPU (all threads, 2 tiles per batch); train seconds per "
-        "stage (teacher_*_ssl share one stage).",
+        "within 3 px; Mpx/s is onnxruntime on this CPU (all threads, 2 tiles per batch); setup and train seconds "
+        "per stage (setup: caching the teachers' outputs; teacher_*_ssl share one stage).",
         "",
         metrics_table(m),
         "",

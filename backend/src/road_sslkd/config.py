@@ -42,6 +42,9 @@ class Config:
     # led the pair on held-out images in three replicates, a lead inflated by the teachers having seen them;
     # on test it was level, at 29 % less training time (method.md, "One teacher, not the pair").
     student_teachers: list[str] = field(default_factory=lambda: ["b"])
+    # The students' targets average each teacher over 8 flips and rotations (8 passes once per raster): the
+    # teachers score higher so (method.md). The cross-model stage's pseudo-labels stay one pass (not measured).
+    teacher_tta: bool = True
     w_feat: float = 1.0  # feature distillation from cached teacher features (method.md, "Ablation")
     align_prior: bool = True  # pseudo-labels and soft targets call as much road as the labelled masks (method.md)
     confidence: str = "weight"  # how the student weighs pseudo-labels: one of CONFIDENCE (losses.pseudo_label)
@@ -120,7 +123,12 @@ def make_config(preset: str, config_file: Path | None = None, **overrides: Any) 
     return cfg
 
 
-def load_config(path: Path) -> Config:
-    data = json.loads(Path(path).read_text())
-    _known(data, str(path))
-    return Config(**data)
+# Settings added after runs were first written, with the behaviour of the runs that predate them, so that
+# resuming such a run (or reusing its stages in a benchmark) never changes how it trains.
+PREDATED = {"teacher_tta": False}
+
+
+def stored_config(data: dict[str, Any], source: str) -> Config:
+    """The config saved in a run folder; settings it predates keep their earlier behaviour (PREDATED)."""
+    _known(data, source)
+    return Config(**{**PREDATED, **data})

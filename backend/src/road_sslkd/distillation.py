@@ -1,6 +1,7 @@
 """The SSLKD student: L = L_sup + w_prob L_prob + w_unsup L_unsup + w_feat L_feat (after Ma et al., 2024).
 
-The frozen teachers (``student_teachers``: one, or several averaged) give the targets. On labelled crops
+The frozen teachers (``student_teachers``: one, or several averaged; with ``teacher_tta`` each averaged over
+8 flips and rotations) give the targets. On labelled crops
 the student learns the labels and the teachers' temperature-softened probabilities; on unlabelled crops it
 sees a strong view (CutMix + photometric) and learns the same soft targets plus the teachers'
 confidence-weighted hard pseudo-labels.
@@ -35,9 +36,9 @@ class DistillStage(Stage):
         super().__init__(ctx)
         self.name, self.uses_unlabelled = name, unlabelled
         self.student = build_model(ctx.config.student, ctx.in_channels, ctx.config.weights)
-        features = ctx.config.w_feat > 0
-        lab = attach(ctx, teachers, ctx.labelled, features)
-        self._samplers = (lab, attach(ctx, teachers, ctx.unlabelled, features) if unlabelled else None)
+        features, tta = ctx.config.w_feat > 0, ctx.config.teacher_tta
+        lab = attach(ctx, teachers, ctx.labelled, features, tta)
+        self._samplers = (lab, attach(ctx, teachers, ctx.unlabelled, features, tta) if unlabelled else None)
         # per sampler (labelled, unlabelled): the teachers' probability that becomes 0.5 after the shift
         self.thresholds = [aligned_threshold(ctx, sampler.targets, name, kind) if sampler is not None else 0.5
                            for sampler, kind in zip(self._samplers, ("labelled", "unlabelled"))]

@@ -74,6 +74,25 @@ def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
 
 
+def dihedral(infer: InferFn) -> InferFn:
+    """``infer`` averaged over the 8 flips and right-angle rotations of each tile (test-time augmentation).
+
+    Roads have no preferred orientation, so the views are equally valid and their mean is a better
+    estimate than any one of them, at 8 passes per tile. Tiles need not be square: the model is convolutional.
+    """
+    def averaged(batch: np.ndarray) -> np.ndarray:
+        total = np.zeros((batch.shape[0], batch.shape[2], batch.shape[3]), dtype=np.float32)
+        for turns in range(4):
+            for flip in (False, True):
+                view = np.rot90(batch[..., ::-1] if flip else batch, turns, axes=(2, 3))
+                prob = np.asarray(infer(np.ascontiguousarray(view)), dtype=np.float32)
+                prob = np.rot90(prob.reshape(view.shape[0], *view.shape[2:]), -turns, axes=(1, 2))
+                total += prob[..., ::-1] if flip else prob
+        return total / 8
+
+    return averaged
+
+
 def predict_strips(
     read: RowReader,
     write: RowWriter,

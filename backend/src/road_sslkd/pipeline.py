@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -78,9 +79,15 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
             raise events.Cancelled(f"stopped before {name}")
         seed_everything(distributed.rank_seed(cfg.seed * 1000 + index))
         # Rank 0 builds first: a stage may cache files in the run folder (teacher targets) that others read.
+        started = time.monotonic()
         stage = distributed.main_first(functools.partial(factories[name], ctx))
+        setup = time.monotonic() - started  # mostly caching teacher outputs (targets.py), outside train_seconds
         described = {n for n in stage.outputs() if run.has_model(n) and _described(run, n, bool(test_items))}
+        trained = not all(run.has_model(n) for n in stage.outputs())
         run_stage(stage, ctx)
+        if trained and distributed.is_main():
+            for out_name in stage.outputs():
+                run.update_metrics(out_name, {"setup_seconds": round(setup, 1)})
         if distributed.is_main():  # the others wait for rank 0 at the next stage (or at the end)
             for out_name in (n for n in stage.outputs() if n not in described):
                 # The saved model: a stage finished in an earlier start holds only freshly built networks.
@@ -140,7 +147,7 @@ def _describe(run: RunDir, name: str, model: object, ctx: Context, test_items: l
 
 COLUMNS = (("iou", "IoU"), ("f1", "F1"), ("precision", "Precision"), ("recall", "Recall"),
            ("relaxed_f1", "Relaxed F1"), ("params", "Params (M)"), ("gflops", "GFLOPs/512²"),
-           ("mpx_per_s", "Mpx/s"), ("train_seconds", "Train s"))
+           ("mpx_per_s", "Mpx/s"), ("setup_seconds", "Setup s"), ("train_seconds", "Train s"))
 
 
 def metrics_table(models: dict[str, dict]) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .config import Config
+from .config import Config, stored_config
 from .data import DatasetSpec, Normalizer
 from .events import UserError
 from .models import SegModel, build_model
@@ -80,7 +80,8 @@ class RunDir:
         except FileNotFoundError as exc:
             raise UserError(f"{path} holds no run (config.json missing)", "give the folder of an earlier run") from exc
         normalizer = Normalizer(**data["normalizer"]) if data.get("normalizer") else None
-        return cls(path, Config(**data["config"]), DatasetSpec.from_json(data["dataset"]), normalizer)
+        config = stored_config(data["config"], str(path / "config.json"))
+        return cls(path, config, DatasetSpec.from_json(data["dataset"]), normalizer)
 
     def save(self) -> None:
         data = {

@@ -12,8 +12,12 @@ way (one forward pass per raster, on its grid, at the decoder's own stride) inst
 teachers at every step, which cost two thirds of a distillation step on a CPU. The features are stored L2
 normalised per pixel, as the loss compares them, so int8 (x 127) keeps them to about 1 %.
 
-Maps are .npy files under RUN_DIR/targets/<model>/ (probabilities, uint8 x 255) and
-RUN_DIR/targets/<model>/features/ (int8 features), read memory-mapped.
+With ``teacher_tta`` the students' probability maps are the mean of each teacher over the 8 flips and
+right-angle rotations of the raster (engine.dihedral): eight passes, once per raster, for targets that
+score higher than one pass (docs/method.md, "Test-time augmentation of the teachers").
+
+Maps are .npy files under RUN_DIR/targets/<model>/ (probabilities, uint8 x 255), RUN_DIR/targets/<model>/dihedral/
+(the same with test-time augmentation) and RUN_DIR/targets/<model>/features/ (int8 features), read memory-mapped.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 
 from . import events
 from .data import CropSampler, Raster, road_prior
-from .engine import pad_to
+from .engine import dihedral, pad_to
 from .evaluate import predict_raster, torch_infer
 from .models import SegModel
 from .trainer import Context
@@ -41,15 +45,15 @@ def _window(raster: Raster, tile: int, overlap: int) -> tuple[int, int]:
     return (-(-side // 32) * 32, 0) if side <= WHOLE_RASTER_PX else (2 * tile, overlap)
 
 
-def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster]) -> list[np.ndarray]:
+def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster], tta: bool = False) -> list[np.ndarray]:
     """One cached probability map per raster for the run's model ``model_name`` (computed when missing)."""
-    folder = ctx.run.path / "targets" / model_name
+    folder = ctx.run.path / "targets" / model_name / ("dihedral" if tta else "")
     paths = [folder / _file_name(r) for r in rasters]
     missing = [i for i, p in enumerate(paths) if not p.exists()]
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
         model = ctx.run.load_model(model_name).to(ctx.device).eval()
-        infer = torch_infer(model, ctx.device)
+        infer = dihedral(torch_infer(model, ctx.device)) if tta else torch_infer(model, ctx.device)
         for done, i in enumerate(missing):
             if done % 10 == 0:
                 events.progress(f"targets {model_name}", done, len(missing))
@@ -154,7 +158,8 @@ def aligned_threshold(ctx: Context, maps: list[list[np.ndarray]], stage: str, ki
     return threshold
 
 
-def attach(ctx: Context, teachers: tuple[str, ...], sampler: CropSampler, features: bool = False) -> CropSampler:
+def attach(ctx: Context, teachers: tuple[str, ...], sampler: CropSampler, features: bool = False,
+           tta: bool = False) -> CropSampler:
     """``sampler`` with the teachers' cached maps (and, asked for, decoder features) of its rasters attached."""
-    return sampler.with_targets([teacher_maps(ctx, t, sampler.rasters) for t in teachers],
+    return sampler.with_targets([teacher_maps(ctx, t, sampler.rasters, tta) for t in teachers],
                                 [teacher_features(ctx, t, sampler.rasters) for t in teachers] if features else None)
