@@ -165,6 +165,14 @@ def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):
     assert (default / "student_sslkd.pt").exists() and not (default / "teacher_a.pt").exists()
 
 
+def test_ablation_students_train_as_long_as_the_source_run_by_default(tiny_run, run_main, tmp_path):
+    out = tmp_path / "ablation"
+    code, events = run_main("ablate", str(tiny_run[0]), "--out", str(out), "--variants", "default", "--holdout", "1")
+    assert code == 0, errors(events)
+    stored = json.loads((out / "default" / "config.json").read_text())["config"]
+    assert stored["steps"]["student"] == RunDir.open(tiny_run[0]).config.stage_steps("student") == 6
+
+
 def test_int8_export_is_kept_only_within_one_iou_point(tiny_run, run_main, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "student.onnx"

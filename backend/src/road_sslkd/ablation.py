@@ -5,7 +5,9 @@ benchmark seed), with one setting changed. The student of every variant trains o
 ``--holdout`` images, which it never sees, and is scored on them (whole images, road IoU). The teachers of a
 benchmark seed saw those images in their own training, which inflates the scores, most for variants that
 copy the teachers closely (docs/method.md, "Ablation"); a source trained with the same ``holdout`` setting
-avoids that. Each variant is an ordinary run folder under OUT_DIR (resumable).
+avoids that. Students train as long as the source's unless ``--steps`` is given: shorter ones rank settings
+in another regime (their teacher far ahead of them). Each variant is an ordinary run folder under OUT_DIR
+(resumable).
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the variants' runs and ablation.md")
     p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     p.add_argument("--holdout", type=int, default=2, help="labelled images kept for validation")
-    p.add_argument("--steps", type=int, default=150, help="student steps per variant")
+    p.add_argument("--steps", type=int, help="student steps per variant (default: the source run's, as long as "
+                   "its benchmark trains them; shorter students rank settings differently, docs/method.md)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_run)
 
@@ -108,5 +111,7 @@ def _run(args: argparse.Namespace) -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise events.UserError(f"unknown variant(s): {', '.join(unknown)}", f"choose from: {', '.join(VARIANTS)}")
-    ablate(RunDir.open(args.source), args.out, names, args.holdout, args.steps, args.device, args.command_line)
+    source = RunDir.open(args.source)
+    steps = args.steps or source.config.stage_steps("student")
+    ablate(source, args.out, names, args.holdout, steps, args.device, args.command_line)
     events.artifact("ablation", args.out / "ablation.md")
