@@ -13,13 +13,18 @@ from . import events
 from .data import DatasetSpec, Label, LabelledSet, Normalizer, Raster
 from .engine import predict_tiled
 from .metrics import RoadMetrics
+from .precision import autocast
 
 
-def torch_infer(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """An engine ``infer`` function running a torch model (eval mode, no grad) and returning probabilities."""
+def torch_infer(model: torch.nn.Module, device: torch.device,
+                dtype: Optional[torch.dtype] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """An engine ``infer`` function running a torch model (eval mode, no grad) and returning probabilities;
+    ``dtype`` runs it under autocast (precision.amp_dtype), None in float32 as evaluation does."""
+    model.to(memory_format=torch.channels_last)  # as in training: faster convolutions on GPUs and in oneDNN
+
     def infer(batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            logits = model(torch.from_numpy(batch).to(device))
+        with torch.no_grad(), autocast(device, dtype):
+            logits = model(torch.from_numpy(batch).to(device, memory_format=torch.channels_last))
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     return infer

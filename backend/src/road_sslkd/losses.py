@@ -91,6 +91,7 @@ def prob_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, val
 
 def feature_distill(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
     """MSE between per-pixel L2-normalised features, after resizing the student's to the teacher's grid."""
+    student_feat = student_feat.float()  # an adapter's output is bfloat16/float16 under autocast
     if student_feat.shape[-2:] != teacher_feat.shape[-2:]:
         student_feat = F.interpolate(student_feat, size=teacher_feat.shape[-2:], mode="bilinear",
                                      align_corners=False)

@@ -84,7 +84,7 @@ class SegModel(nn.Module):
         if feature_dropout > 0:
             feats = [nn.functional.dropout2d(f, feature_dropout, training=True) for f in feats]
         decoded = self.net.decoder(feats)
-        logits = self.net.segmentation_head(decoded)
+        logits = self.net.segmentation_head(decoded).float()  # losses and thresholds stay float32 under autocast
         if logits.shape[-2:] != x.shape[-2:]:
             logits = nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits, decoded

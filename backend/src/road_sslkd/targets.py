@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from .data import CropSampler, Raster, road_prior
 from .engine import dihedral, pad_to
 from .evaluate import predict_raster, torch_infer
 from .models import SegModel
+from .precision import amp_dtype, autocast
 from .trainer import Context
 
 WHOLE_RASTER_PX = 1024  # rasters up to this side are predicted in one tile: no blending, least padding
@@ -53,7 +55,8 @@ def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster], tta: bool
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
         model = ctx.run.load_model(model_name).to(ctx.device).eval()
-        infer = dihedral(torch_infer(model, ctx.device)) if tta else torch_infer(model, ctx.device)
+        infer = torch_infer(model, ctx.device, _dtype(ctx))
+        infer = dihedral(infer) if tta else infer
         for done, i in enumerate(missing):
             if done % 10 == 0:
                 events.progress(f"targets {model_name}", done, len(missing))
@@ -87,6 +90,11 @@ def teacher_features(ctx: Context, model_name: str, rasters: list[Raster]) -> tu
     return stride, [np.load(p, mmap_mode="r") for p in paths]
 
 
+def _dtype(ctx: Context) -> Optional[torch.dtype]:
+    # Maps are stored as uint8 and features as int8: finer than bfloat16 is lost anyway.
+    return amp_dtype(ctx.device, ctx.config.amp)
+
+
 def _feature_shape(model: SegModel, ctx: Context) -> tuple[int, int]:
     probe = torch.zeros(1, ctx.in_channels, 64, 64, device=ctx.device)
     with torch.no_grad():
@@ -105,7 +113,7 @@ def _raster_features(model: SegModel, raster: Raster, ctx: Context, channels: in
             y1, x1 = min(raster.height, y + block + margin), min(raster.width, x + block + margin)
             image, _ = raster.read(y0, x0, y1 - y0, x1 - x0)
             image = pad_to(ctx.normalizer(image), -(-(y1 - y0) // 32) * 32, -(-(x1 - x0) // 32) * 32)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(ctx.device, _dtype(ctx)):
                 features = model.forward_features(torch.from_numpy(np.ascontiguousarray(image))[None].to(ctx.device))[1]
             features = torch.nn.functional.normalize(features[0].float(), dim=0).cpu().numpy()
             fy, fx = (y - y0) // stride, (x - x0) // stride
