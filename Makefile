@@ -67,6 +67,7 @@ demo: setup
 
 bench: setup
 	$(BACKEND_VENV)/bin/road-sslkd bench-inference --out docs/benchmarks/inference.md --overwrite
+	$(BACKEND_VENV)/bin/road-sslkd bench-training --out docs/benchmarks/training_speed.md --overwrite
 	QT_QPA_PLATFORM=offscreen $(QPY) scripts/bench_segment_extent.py --out docs/benchmarks/segment_extent.md
 	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \
 	  --seeds $(BENCH_SEEDS) --jobs $(BENCH_JOBS) --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite

@@ -27,6 +27,7 @@ COMMANDS = {
     "bench": ("road_sslkd.bench", "compare students and teachers on a dataset"),
     "ablate": ("road_sslkd.ablation", "retrain the SSLKD student with one setting changed per variant"),
     "bench-inference": ("road_sslkd.bench_inference", "measure ONNX and torch inference speed and memory"),
+    "bench-training": ("road_sslkd.bench_training", "measure seconds per training step, float32 and mixed precision"),
     "demo-data": ("road_sslkd.demo_data", "write a small synthetic dataset"),
     "demo": ("road_sslkd.demo", "the whole job on embedded synthetic data, in minutes"),
 }

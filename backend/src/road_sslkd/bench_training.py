@@ -1,0 +1,102 @@
+"""`road-sslkd bench-training`: seconds per training step on this machine, float32 against mixed precision.
+
+One supervised optimiser step (forward, BCE + Dice, backward, AdamW) of the ``cpu`` preset's batch of crops,
+for its teachers and student, with the trainer's memory format (channels_last) and autocast
+(precision.amp_dtype), median of a few steps after a warm-up. Random weights and images: the cost of a step
+does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import events, precision
+from .bench import machine
+from .config import make_config
+from .losses import seg_loss
+from .models import build_model
+
+CPU = make_config("cpu")
+
+
+def step_seconds(name: str, dtype: Optional[torch.dtype], batch: int, crop: int, steps: int = 5) -> float:
+    """Median seconds of one supervised step of ``name`` on the CPU in ``dtype`` (None: float32)."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = build_model(name, 3, "none").train().to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    image = torch.randn(batch, 3, crop, crop).to(memory_format=torch.channels_last)
+    label = (torch.rand(batch, crop, crop) > 0.8).float()
+    valid = torch.ones_like(label, dtype=torch.bool)
+    times = []
+    for _ in range(steps + 2):  # the first two steps allocate and pick kernels
+        start = time.perf_counter()
+        with precision.autocast(device, dtype):
+            loss = seg_loss(model(image), label, valid)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def report_markdown(rows: list[tuple[str, float, Optional[float]]], command: str, threads: int,
+                    dtype: Optional[torch.dtype]) -> str:
+    info = machine()
+    mixed = str(dtype).removeprefix("torch.") if dtype else None
+    lines = [
+        "# Training speed",
+        "",
+        f"{datetime.date.today().isoformat()}, {info['cpu']}, nproc {os.cpu_count()}, {threads} thread(s), "
+        f"torch {info['torch']}. One supervised step of {CPU.batch} x {CPU.crop}² crops (the `cpu` preset's "
+        "batch), channels_last, median of 5 after 2 warm-up steps. Load average at the end: "
+        f"{os.getloadavg()[0]:.1f}.",
+        "",
+        f"Mixed precision on this CPU: {mixed or 'none (no native bfloat16: training stays float32)'}.",
+        "",
+        "Command:",
+        "",
+        f"    {command}",
+        "",
+        f"| model | float32 s/step | {mixed or 'mixed'} s/step | speed-up |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, fp32, low in rows:
+        lines.append(f"| {name} | {fp32:.3f} | {low:.3f} | {fp32 / low:.2f}x |" if low else
+                     f"| {name} | {fp32:.3f} | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench-training", help="seconds per training step, float32 and mixed precision")
+    p.add_argument("--out", type=Path, required=True, help="markdown file, e.g. docs/benchmarks/training_speed.md")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default: 1, as each seed of `bench --jobs` trains on one core)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.out.exists() and not args.overwrite:
+        raise events.UserError(f"{args.out} exists", "pass --overwrite to replace the report")
+    torch.set_num_threads(args.threads)
+    dtype = precision.amp_dtype(torch.device("cpu"))
+    names = [CPU.teacher_a, CPU.teacher_b, CPU.student]
+    rows = []
+    for done, name in enumerate(names):
+        events.progress("bench-training", done, len(names), model=name)
+        fp32 = step_seconds(name, None, CPU.batch, CPU.crop)
+        rows.append((name, fp32, step_seconds(name, dtype, CPU.batch, CPU.crop) if dtype else None))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report_markdown(rows, args.command_line, args.threads, dtype))
+    events.artifact("report", str(args.out))
+    events.emit("done", report=str(args.out),
+                models={name: {"float32": fp32, "mixed": low} for name, fp32, low in rows})
