@@ -35,7 +35,7 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     for figure in report["figures"]:
         assert (out / figure).stat().st_size > 10_000
     markdown = (out / "report.md").read_text()
-    assert "road-sslkd bench" in markdown
+    assert "road-sslkd bench" in markdown and f"It ran for {report['wall_seconds'] / 60:.0f} min wall" in markdown
     seed_1 = report["models"]["student_sslkd"]["iou_seeds"][1]
     assert any(line.startswith("| student_sslkd |") and line.endswith(f"| {100 * seed_1:.1f} |")
                for line in markdown.splitlines())
@@ -54,7 +54,9 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
                             "--work", str(work), "--seeds", "0,1", "--overwrite")
     assert code == 0
     assert not [e for e in events if e["event"] == "progress" and e["stage"] in ("teacher_a", "evaluate")]
-    again = json.loads((out / "report.json").read_text())["models"]
+    again_report = json.loads((out / "report.json").read_text())
+    assert again_report["wall_seconds"] < report["wall_seconds"]  # nothing retrained, only measured
+    again = again_report["models"]
     for name, values in report["models"].items():
         assert again[name]["iou"] == values["iou"] and again[name]["precision"] == values["precision"], name
 

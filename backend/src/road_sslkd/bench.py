@@ -189,6 +189,9 @@ def report_markdown(report: dict) -> str:
         "",
         f"    {report['command']}",
         "",
+        f"It ran for {report['wall_seconds'] / 60:.0f} min wall (stages an earlier run had finished in its work "
+        "folder are reused, not counted).",
+        "",
     ]
     if len(report["seeds"]) > 1:
         lines += ["Road IoU per seed:", "", "| Model | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " |",
@@ -248,6 +251,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    start = time.monotonic()
     install_stop_handlers()
     report_json = args.out / "report.json"
     if report_json.exists() and not args.overwrite:
@@ -266,6 +270,7 @@ def _run(args: argparse.Namespace) -> None:
         "command": args.command_line,
         "version": __version__, "date": datetime.date.today().isoformat(), "machine": machine(),
         "config": cfg.to_json(), "models": models, "figures": [p.name for p in pictures],
+        "wall_seconds": round(time.monotonic() - start),
     }
     report_json.write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(report_markdown(report))
