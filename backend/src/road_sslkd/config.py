@@ -56,9 +56,6 @@ class Config:
     temperature: float = 2.0
     w_unsup_teacher: float = 1.0  # cross-model pseudo-label weight for the teachers
     teachers_ssl_lr_scale: float = 1.0  # the cross-model stage's peak learning rate, as a fraction of lr
-    # The cross-model stage's pseudo-labels: the warm-up teachers' cached maps (False) or each teacher's current
-    # prediction on the weak view, as in CPS (True: one no-grad pass of both teachers per step).
-    teachers_ssl_online: bool = False
     int8: bool = True  # also ship student.int8.onnx (faster, a third less memory) when within 1 IoU point
     tile: int = 256  # evaluation / inference tile
     overlap: int = 25  # percent of the tile

@@ -2,10 +2,10 @@
 
 In the cross-model stage each teacher's hard pseudo-labels supervise the other teacher's prediction on a
 strong (CutMix + photometric) view of unlabelled crops, as in CPS but across two different architectures,
-whose different inductive biases make their errors less correlated than two copies of one network. By default the
+whose different inductive biases make their errors less correlated than two copies of one network. The
 pseudo-labels are the warm-up teachers' cached whole-raster predictions (targets.py): computed once, they
-cost no forward pass per step. With ``teachers_ssl_online`` they are each teacher's current prediction on the
-weak view, as in CPS, so they improve as the teachers do, for one no-grad pass of both teachers per step.
+cost no forward pass per step, which is what lets this stage run on a 2-core CPU. CPS's online pseudo-labels
+(each teacher's current prediction on the weak view) scored lower on held-out images (docs/method.md).
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ class CrossModelStage(Stage):
         self.b = ctx.run.load_model(second)
         self.names = (f"{first}_ssl", f"{second}_ssl")
         self.lr_scale = ctx.config.teachers_ssl_lr_scale  # it starts from trained networks
-        self.online = ctx.config.teachers_ssl_online
-        self.unlabelled = ctx.unlabelled if self.online else attach(ctx, (first, second), ctx.unlabelled)
+        self.unlabelled = attach(ctx, (first, second), ctx.unlabelled)
 
     def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:
         return self.ctx.labelled, self.unlabelled
@@ -71,11 +70,7 @@ class CrossModelStage(Stage):
 
     def losses(self, lab: dict, unl: Optional[dict]) -> dict[str, torch.Tensor]:
         lab = augment.weak(lab)
-        unl = augment.weak(unl)
-        if self.online:  # each teacher's current prediction on the weak view, mixed like the image below
-            with torch.no_grad():
-                unl["targets"] = torch.cat([torch.sigmoid(m(unl["image"])) for m in (self.a, self.b)], 1)
-        view = augment.strong_mix(unl)
+        view = augment.strong_mix(augment.weak(unl))
         sup = sum(seg_loss(m(lab["image"]), lab["label"], lab["valid"]) for m in (self.a, self.b))
         cross = unl["image"].new_zeros(())
         # targets[:, 0] is teacher a's output, targets[:, 1] teacher b's: each learns from the other.
