@@ -176,7 +176,8 @@ def test_teacher_features_of_large_rasters_are_stitched_from_blocks(tmp_path, mo
     raster = Raster(_write(tmp_path / "img.tif", rng.integers(0, 255, (3, 200, 170), dtype=np.uint8)), [1, 2, 3])
     torch.manual_seed(0)
     model = build_model("tiny-fpn", weights="none").eval()
-    ctx = SimpleNamespace(normalizer=Normalizer.fit([raster]), device=torch.device("cpu"), in_channels=3)
+    ctx = SimpleNamespace(normalizer=Normalizer.fit([raster]), device=torch.device("cpu"), in_channels=3,
+                          config=SimpleNamespace(amp=False))  # float32: blocks and whole raster compared exactly
     channels, stride = targets._feature_shape(model, ctx)
     whole = targets._raster_features(model, raster, ctx, channels, stride)
     monkeypatch.setattr(targets, "WHOLE_RASTER_PX", 64)  # 4 x 3 blocks, each with 64 px of context around it
@@ -202,7 +203,7 @@ def test_teacher_maps_with_test_time_augmentation_do_not_depend_on_orientation(t
     model = build_model("tiny-fpn", weights="none").eval()
     run = SimpleNamespace(path=tmp_path / "run", load_model=lambda name: model)
     ctx = SimpleNamespace(run=run, device=torch.device("cpu"), normalizer=Normalizer.fit([upright]),
-                          config=SimpleNamespace(tile=64, overlap=25))
+                          config=SimpleNamespace(tile=64, overlap=25, amp=False))  # float32: exact symmetry
     plain = teacher_maps(ctx, "teacher", [upright, turned])
     tta = teacher_maps(ctx, "teacher", [upright, turned], tta=True)
     folder = run.path / "targets" / "teacher"
