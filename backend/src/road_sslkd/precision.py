@@ -1,7 +1,7 @@
 """Mixed precision: which lower-precision dtype, if any, a device trains and caches teacher outputs in.
 
 CUDA uses bfloat16 where the GPU has it, else float16 (with a gradient scaler). CPUs with native bfloat16
-instructions (AVX512-BF16 or AMX) train the project's networks about twice as fast in bfloat16 through
+instructions (AVX512-BF16 or AMX) train the project's teachers 1.5-1.7x faster in bfloat16 through
 oneDNN (docs/benchmarks/training_speed.md); other CPUs would only emulate it, slower than float32, so they
 stay in float32. Evaluation and the exported ONNX models are always float32.
 """
