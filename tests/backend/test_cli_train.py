@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from conftest import CLI, errors, run_cli
+from road_sslkd.data import road_prior
+from road_sslkd.evaluate import predict_raster, torch_infer
+from road_sslkd.precision import amp_dtype
 from road_sslkd.runs import RunDir
+from road_sslkd.targets import decision_threshold
+from road_sslkd.trainer import build_context
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,31 @@ def test_evaluate_and_export_commands(tiny_run, tiny_dataset, run_main, tmp_path
     assert meta["road_sslkd_model"] == "teacher_a_ssl"
     code, events = run_main("export", str(run), "--model", "teacher_a_ssl", "--out", str(target))
     assert code == 2 and "--overwrite" in errors(events)[0]["hint"]
+
+
+def test_every_model_ships_a_threshold_that_calls_the_labelled_road_share_road(tiny_run):
+    run, _ = tiny_run
+    rd = RunDir.open(run)
+    ctx = build_context(rd, torch.device("cpu"))
+    prior = road_prior(ctx.labelled.labels)
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    for name in ("teacher_a", "teacher_b_ssl", "student_sslkd"):
+        threshold = metrics[name]["threshold"]
+        assert 0.0 < threshold < 1.0
+        assert threshold == decision_threshold(ctx, rd.load_model(name))
+        # On the model's own uint8 maps of the pool, at its threshold it calls at most the labelled share road;
+        # one step lower, more.
+        infer = torch_infer(rd.load_model(name).eval(), ctx.device, amp_dtype(ctx.device, rd.config.amp))
+        stored = []
+        for raster in ctx.unlabelled.rasters:  # small rasters: one tile, as the run predicted them
+            tile = -(-max(raster.height, raster.width) // 32) * 32
+            prob, valid = predict_raster(infer, raster, ctx.normalizer, tile, 0)
+            stored.append(np.where(valid, np.round(prob * 255), 0).ravel())
+        stored = np.concatenate(stored)
+        step = round(threshold * 255)
+        assert np.mean(stored >= step) <= prior + 1e-9 < np.mean(stored >= step - 1)
+    meta = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert json.loads(meta.custom_metadata_map["seg_thresh"]) == metrics["student_sslkd"]["threshold"]
 
 
 def _wait_for_step(proc: subprocess.Popen, stage: str, min_step: int) -> list[dict]:

@@ -8,6 +8,7 @@ import torch
 
 from road_sslkd import losses
 from road_sslkd.metrics import RoadMetrics
+from road_sslkd.plots import PRAccumulator
 
 
 def test_bce_ignores_invalid_pixels():
@@ -96,3 +97,16 @@ def test_relaxed_f1_counts_misses_beyond_three_pixels():
     precision, recall = 1 / 2, 1.0
     assert m.relaxed_f1 == pytest.approx(2 * precision * recall / (precision + recall))
     assert m.iou == 0.0
+
+
+def test_pr_histograms_give_the_iou_of_any_threshold():
+    rng = np.random.default_rng(0)
+    prob = rng.random((64, 64))
+    truth = rng.random((64, 64)) < prob  # correlated, as a model's output is with the roads
+    valid = rng.random((64, 64)) > 0.1
+    pr = PRAccumulator()
+    pr.update(prob, truth, valid)
+    for threshold in (0.3, 0.5, 0.85):
+        m = RoadMetrics()
+        m.update(prob >= threshold, truth, valid)
+        assert pr.iou(threshold) == pytest.approx(m.iou)

@@ -59,17 +59,18 @@ def evaluate_items(infer: Callable[[np.ndarray], np.ndarray], items: list[tuple[
 
 def evaluate_model(model: torch.nn.Module, items: list[tuple[Raster, Label]], normalizer: Normalizer,
                    tile: int, overlap_percent: int, device: torch.device,
-                   observe: Optional[Observer] = None) -> RoadMetrics:
+                   observe: Optional[Observer] = None, threshold: float = 0.5) -> RoadMetrics:
     was_training = model.training
     model.eval()
     try:
-        return evaluate_items(torch_infer(model, device), items, normalizer, tile, overlap_percent, observe=observe)
+        return evaluate_items(torch_infer(model, device), items, normalizer, tile, overlap_percent, threshold, observe)
     finally:
         model.train(was_training)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("evaluate", help="evaluate trained models of a run on test rasters")
+    p = subparsers.add_parser("evaluate", help="evaluate trained models of a run on test rasters (each at the "
+                              "decision threshold its run chose, 0.5 for runs older than that)")
     p.add_argument("run", type=Path, help="run folder (from road-sslkd train)")
     p.add_argument("--models", default="", help="comma-separated model names (default: all in the run)")
     p.add_argument("--data", type=Path, help="dataset folder whose split.json 'test' entries are used")
@@ -94,14 +95,16 @@ def _run(args: argparse.Namespace) -> None:
     for i, name in enumerate(names):
         events.progress("evaluate", i, len(names))
         model = run.load_model(name).to(device)
-        summary = evaluate_model(model, items, run.normalizer, run.config.tile, run.config.overlap, device).summary()
+        threshold = run.metrics()["models"].get(name, {}).get("threshold", 0.5)
+        summary = evaluate_model(model, items, run.normalizer, run.config.tile, run.config.overlap, device,
+                                 threshold=threshold).summary()
         for key, value in summary.items():
             events.metric(key, value, stage=name)
         results[name] = summary
     events.emit("done", results=results)
 
 
-def onnx_throughput(path: Path, channels: int, size: int = 512, batch: int = 2, repeats: int = 3,
+def onnx_throughput(path: Path, channels: int, size: int = 512, batch: int = 2, repeats: int = 10,
                     threads: int = 0) -> float:
     """Megapixels per second of an ONNX model with onnxruntime on the CPU (best of ``repeats`` batches)."""
     import time

@@ -36,7 +36,8 @@ class _Probabilities(nn.Module):
 
 
 def onnx_metadata(model: SegModel, mean: list[float], std: list[float], tile: int, overlap_percent: int,
-                  resolution_cm: Optional[float], extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
+                  resolution_cm: Optional[float], extra: Optional[dict[str, Any]] = None,
+                  threshold: float = 0.5) -> dict[str, str]:
     """Deepness-compatible keys plus our provenance keys (all values strings, JSON where structured)."""
     meta: dict[str, Any] = {
         "model_type": "Segmentor",
@@ -46,7 +47,7 @@ def onnx_metadata(model: SegModel, mean: list[float], std: list[float], tile: in
         "tiles_overlap": overlap_percent,
         "standardization_mean": mean,
         "standardization_std": std,
-        "seg_thresh": 0.5,
+        "seg_thresh": threshold,
         "road_sslkd_version": __version__,
         "road_sslkd_architecture": model.name,
         "road_sslkd_output": "probabilities",
@@ -128,7 +129,8 @@ def export_run_model(run: Any, name: str, path: Path, overwrite: bool = False,
         "metrics": run.metrics()["models"].get(name, {}),
     }
     meta = onnx_metadata(model, run.normalizer.mean, run.normalizer.std, cfg.tile, cfg.overlap, resolution,
-                         {"road_sslkd_model": name, "road_sslkd_training": summary, **(extra or {})})
+                         {"road_sslkd_model": name, "road_sslkd_training": summary, **(extra or {})},
+                         threshold=summary["metrics"].get("threshold", 0.5))
     return export_onnx(model, path, meta, overwrite=overwrite)
 
 
@@ -197,8 +199,9 @@ def _int8_keeps_quality(run: Any, fp32: Path, int8: Path) -> bool:
     items = LabelledSet(pairs, cfg.bands, cfg.label_width).items
     ious = {}
     for kind, path in (("fp32", fp32), ("int8", int8)):
-        infer = load_model(path, "cpu").infer
-        ious[kind] = evaluate_items(infer, items, run.normalizer, cfg.tile, cfg.overlap).iou
+        model = load_model(path, "cpu")
+        ious[kind] = evaluate_items(model.infer, items, run.normalizer, cfg.tile, cfg.overlap,
+                                    model.info.threshold).iou
         events.metric(f"iou_{kind}", ious[kind], stage="int8_check")
     drop = ious["fp32"] - ious["int8"]
     if drop >= INT8_MAX_DROP:

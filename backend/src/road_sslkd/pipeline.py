@@ -27,6 +27,7 @@ from .export import export_int8, export_run_model
 from .models import count_parameters, gflops
 from .plots import PRAccumulator
 from .runs import RunDir, install_stop_handlers, stop_requested
+from .targets import decision_threshold
 from .trainer import Context, Stage, build_context, pick_device, run_stage, seed_everything
 
 
@@ -121,13 +122,17 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
 def _described(run: RunDir, name: str, tested: bool) -> bool:
     """Whether an earlier start already measured this saved model (a finished run resumes in seconds)."""
     values = run.metrics()["models"].get(name, {})
-    return "params" in values and (not tested or "iou" in values)
+    return "params" in values and "threshold" in values and (not tested or "iou" in values)
 
 
 def _describe(run: RunDir, name: str, model: object, ctx: Context, test_items: list) -> None:
-    """Parameters, GFLOPs and, when test rasters exist, test metrics of a trained model."""
+    """Parameters, GFLOPs, decision threshold and, when test rasters exist, test metrics of a trained model
+    (at its threshold, and IoU at 0.5 for comparison)."""
     cfg = run.config
-    values = {"params": count_parameters(model), "gflops": round(gflops(model, len(cfg.bands)), 3)}
+    threshold = decision_threshold(ctx, model)
+    values = {"params": count_parameters(model), "gflops": round(gflops(model, len(cfg.bands)), 3),
+              "threshold": threshold}
+    events.metric("threshold", threshold, stage=name)
     if test_items:
         events.progress("evaluate", 0, 1, model=name)
         pr, examples = PRAccumulator(), []
@@ -138,16 +143,21 @@ def _describe(run: RunDir, name: str, model: object, ctx: Context, test_items: l
                 examples.append(np.round(prob * 255).astype(np.uint8))
 
         values.update(evaluate_model(model, test_items, ctx.normalizer, cfg.tile, cfg.overlap, ctx.device,
-                                     observe).summary())
+                                     observe, threshold).summary())
+        values["iou_at_0.5"] = pr.iou(0.5)
         run.save_evaluation(name, pr, examples)
         for key in ("iou", "f1"):
             events.metric(f"test_{key}", values[key], stage=name)
     run.update_metrics(name, values)
 
 
-COLUMNS = (("iou", "IoU"), ("f1", "F1"), ("precision", "Precision"), ("recall", "Recall"),
+COLUMNS = (("iou", "IoU"), ("iou_at_0.5", "IoU @0.5"), ("threshold", "Threshold"), ("f1", "F1"),
+           ("precision", "Precision"), ("recall", "Recall"),
            ("relaxed_f1", "Relaxed F1"), ("params", "Params (M)"), ("gflops", "GFLOPs/512²"),
            ("mpx_per_s", "Mpx/s"), ("setup_seconds", "Setup s"), ("train_seconds", "Train s"))
+
+
+QUALITY_KEYS = ("iou", "iou_at_0.5", "f1", "precision", "recall", "relaxed_f1")  # fractions, shown in percent
 
 
 def metrics_table(models: dict[str, dict]) -> str:
@@ -162,7 +172,9 @@ def metrics_table(models: dict[str, dict]) -> str:
                 cells.append("")
             elif key == "params":
                 cells.append(f"{v / 1e6:.2f}")
-            elif key in ("iou", "f1", "precision", "recall", "relaxed_f1"):
+            elif key == "threshold":
+                cells.append(f"{v:.3f}")
+            elif key in QUALITY_KEYS:
                 std = values.get(f"{key}_std")
                 cells.append(f"{100 * v:.1f}" + (f" ± {100 * std:.1f}" if std else ""))
             else:

@@ -38,6 +38,13 @@ class PRAccumulator:
         recall = tp / max(self.road.sum(), 1)
         return precision, recall
 
+    def iou(self, threshold: float) -> float:
+        """Road IoU with road predicted where the probability reaches ``threshold`` (rounded to a bin edge)."""
+        edge = min(BINS, max(0, round(threshold * BINS)))
+        tp, fp = self.road[edge:].sum(), self.background[edge:].sum()
+        fn = self.road[:edge].sum()
+        return float(tp / max(tp + fp + fn, 1))
+
 
 def plot_curves(curves: dict[str, dict[str, list]], metric: str, out: Path) -> Path:
     plt = _pyplot()
@@ -57,19 +64,20 @@ def plot_curves(curves: dict[str, dict[str, list]], metric: str, out: Path) -> P
     return out
 
 
-def plot_pr(curves: dict[str, PRAccumulator], out: Path) -> Path:
+def plot_pr(curves: dict[str, PRAccumulator], thresholds: dict[str, float], out: Path) -> Path:
+    """One precision-recall curve per model, a dot where its decision threshold puts it."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, acc in curves.items():
         precision, recall = acc.curve()
         ax.plot(recall, precision, label=name)
-        mid = BINS // 2  # threshold 0.5
-        ax.plot(recall[mid], precision[mid], "k.", ms=5)
+        edge = min(BINS - 1, round(thresholds[name] * BINS))
+        ax.plot(recall[edge], precision[edge], "k.", ms=5)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title("Road precision-recall on the test split (dot: threshold 0.5)")
+    ax.set_title("Road precision-recall on the test split (dot: each model's threshold)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -79,14 +87,16 @@ def plot_pr(curves: dict[str, PRAccumulator], out: Path) -> Path:
 
 
 def plot_examples(images: list[np.ndarray], truths: list[np.ndarray], predictions: dict[str, list[np.ndarray]],
-                  out: Path) -> Path:
-    """One row per test image: the image with the true roads, then each model's roads (red) over it."""
+                  thresholds: dict[str, float], out: Path) -> Path:
+    """One row per test image: the image with the true roads, then each model's roads (red, at its
+    threshold) over it."""
     plt = _pyplot()
     cols = 1 + len(predictions)
     fig, axes = plt.subplots(len(images), cols, figsize=(2.8 * cols, 2.8 * len(images)), squeeze=False)
     for row, (rgb, truth) in enumerate(zip(images, truths)):
         base = rgb.astype(np.float32) / 255
-        panels = [("ground truth", truth)] + [(name, preds[row] >= 0.5) for name, preds in predictions.items()]
+        panels = [("ground truth", truth)]
+        panels += [(name, preds[row] >= thresholds[name]) for name, preds in predictions.items()]
         for col, (title, mask) in enumerate(panels):
             shown = base.copy()
             colour = np.array([0.0, 1.0, 1.0]) if col == 0 else np.array([1.0, 0.1, 0.1])

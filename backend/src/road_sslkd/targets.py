@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -60,11 +60,15 @@ def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster], tta: bool
         for done, i in enumerate(missing):
             if done % 10 == 0:
                 events.progress(f"targets {model_name}", done, len(missing))
-            tile, overlap = _window(rasters[i], ctx.config.tile, ctx.config.overlap)
-            prob, valid = predict_raster(infer, rasters[i], ctx.normalizer, tile, overlap)
-            _save(paths[i], np.where(valid, np.round(prob * 255), 0).astype(np.uint8))
+            _save(paths[i], _uint8_map(ctx, infer, rasters[i]))
         events.progress(f"targets {model_name}", len(missing), len(missing))
     return [np.load(p, mmap_mode="r") for p in paths]
+
+
+def _uint8_map(ctx: Context, infer: Callable[[np.ndarray], np.ndarray], raster: Raster) -> np.ndarray:
+    tile, overlap = _window(raster, ctx.config.tile, ctx.config.overlap)
+    prob, valid = predict_raster(infer, raster, ctx.normalizer, tile, overlap)
+    return np.where(valid, np.round(prob * 255), 0).astype(np.uint8)
 
 
 def teacher_features(ctx: Context, model_name: str, rasters: list[Raster]) -> tuple[int, list[np.ndarray]]:
@@ -164,6 +168,30 @@ def aligned_threshold(ctx: Context, maps: list[list[np.ndarray]], stage: str, ki
     events.log.info("%s: the teachers' %.3f becomes 0.5 on %s crops (labelled road fraction %.3f)",
                     stage, threshold, kind, prior)
     return threshold
+
+
+DECISION_SAMPLE = 32  # rasters of the pool that set a model's decision threshold (evenly spread)
+
+
+def decision_threshold(ctx: Context, model: SegModel) -> float:
+    """The road threshold a trained model ships with and is evaluated at: prior alignment of its own output.
+
+    The probability above which the model calls as large a share of the unlabelled pool (the labelled
+    rasters without one) road as the labelled masks hold. Networks trained with BCE + Dice on thin roads call
+    too many pixels road at 0.5; this is the label-free rule the students' targets get (aligned_threshold),
+    applied alike to every model. Its maps are not cached: a model's name outlives the model (the ablation
+    retrains ``student_sslkd`` over one shared cache).
+    """
+    pool = (ctx.unlabelled or ctx.labelled).rasters
+    sample = pool[:: max(1, -(-len(pool) // DECISION_SAMPLE))]
+    was_training = model.training
+    infer = torch_infer(model.eval(), ctx.device, _dtype(ctx))
+    maps = [_uint8_map(ctx, infer, raster) for raster in sample]
+    model.train(was_training)
+    stored = prior_threshold([maps], road_prior(ctx.labelled.labels))
+    # That count is of map values strictly above ``stored``: road starts one uint8 step higher, which is also
+    # where the plugin's uint8 probability rasters put it (segment.binary_mask).
+    return min(stored + 1 / 255, 1 - 1e-3)
 
 
 def attach(ctx: Context, teachers: tuple[str, ...], sampler: CropSampler, features: bool = False,
