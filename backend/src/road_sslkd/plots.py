@@ -77,7 +77,7 @@ def plot_pr(curves: dict[str, PRAccumulator], thresholds: dict[str, float], out:
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title("Road precision-recall on the test split (dot: each model's threshold)")
+    ax.set_title("Road precision-recall, test split (dots: decision thresholds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
