@@ -13,7 +13,6 @@ import torch
 from conftest import CLI, errors, run_cli
 from road_sslkd.data import road_prior
 from road_sslkd.evaluate import predict_raster, torch_infer
-from road_sslkd.precision import amp_dtype
 from road_sslkd.runs import RunDir
 from road_sslkd.targets import decision_threshold
 from road_sslkd.trainer import build_context
@@ -93,11 +92,10 @@ def test_every_model_ships_a_threshold_that_calls_the_labelled_road_share_road(t
         assert threshold == decision_threshold(ctx, rd.load_model(name))
         # On the model's own uint8 maps of the pool, at its threshold it calls at most the labelled share road;
         # one step lower, more.
-        infer = torch_infer(rd.load_model(name).eval(), ctx.device, amp_dtype(ctx.device, rd.config.amp))
+        infer = torch_infer(rd.load_model(name).eval(), ctx.device)  # float32, the run's tiles: as evaluated
         stored = []
-        for raster in ctx.unlabelled.rasters:  # small rasters: one tile, as the run predicted them
-            tile = -(-max(raster.height, raster.width) // 32) * 32
-            prob, valid = predict_raster(infer, raster, ctx.normalizer, tile, 0)
+        for raster in ctx.unlabelled.rasters:
+            prob, valid = predict_raster(infer, raster, ctx.normalizer, rd.config.tile, rd.config.overlap)
             stored.append(np.where(valid, np.round(prob * 255), 0).ravel())
         stored = np.concatenate(stored)
         step = round(threshold * 255)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -60,15 +60,11 @@ def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster], tta: bool
         for done, i in enumerate(missing):
             if done % 10 == 0:
                 events.progress(f"targets {model_name}", done, len(missing))
-            _save(paths[i], _uint8_map(ctx, infer, rasters[i]))
+            tile, overlap = _window(rasters[i], ctx.config.tile, ctx.config.overlap)
+            prob, valid = predict_raster(infer, rasters[i], ctx.normalizer, tile, overlap)
+            _save(paths[i], np.where(valid, np.round(prob * 255), 0).astype(np.uint8))
         events.progress(f"targets {model_name}", len(missing), len(missing))
     return [np.load(p, mmap_mode="r") for p in paths]
-
-
-def _uint8_map(ctx: Context, infer: Callable[[np.ndarray], np.ndarray], raster: Raster) -> np.ndarray:
-    tile, overlap = _window(raster, ctx.config.tile, ctx.config.overlap)
-    prob, valid = predict_raster(infer, raster, ctx.normalizer, tile, overlap)
-    return np.where(valid, np.round(prob * 255), 0).astype(np.uint8)
 
 
 def teacher_features(ctx: Context, model_name: str, rasters: list[Raster]) -> tuple[int, list[np.ndarray]]:
@@ -184,9 +180,14 @@ def decision_threshold(ctx: Context, model: SegModel) -> float:
     """
     pool = (ctx.unlabelled or ctx.labelled).rasters
     sample = pool[:: max(1, -(-len(pool) // DECISION_SAMPLE))]
+    # Predicted as the evaluation and the ONNX model predict (float32, the run's tiles): an overconfident
+    # student's probabilities crowd near 1, where bfloat16 or another window moves its threshold by points.
     was_training = model.training
-    infer = torch_infer(model.eval(), ctx.device, _dtype(ctx))
-    maps = [_uint8_map(ctx, infer, raster) for raster in sample]
+    infer = torch_infer(model.eval(), ctx.device)
+    maps = []
+    for raster in sample:
+        prob, valid = predict_raster(infer, raster, ctx.normalizer, ctx.config.tile, ctx.config.overlap)
+        maps.append(np.where(valid, np.round(prob * 255), 0).astype(np.uint8))
     model.train(was_training)
     stored = prior_threshold([maps], road_prior(ctx.labelled.labels))
     # That count is of map values strictly above ``stored``: road starts one uint8 step higher, which is also
