@@ -62,9 +62,14 @@ def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster], tta: bool
                 events.progress(f"targets {model_name}", done, len(missing))
             tile, overlap = _window(rasters[i], ctx.config.tile, ctx.config.overlap)
             prob, valid = predict_raster(infer, rasters[i], ctx.normalizer, tile, overlap)
-            _save(paths[i], np.where(valid, np.round(prob * 255), 0).astype(np.uint8))
+            _save(paths[i], _uint8(prob, valid))
         events.progress(f"targets {model_name}", len(missing), len(missing))
     return [np.load(p, mmap_mode="r") for p in paths]
+
+
+def _uint8(prob: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """A probability map as stored and counted here: x 255, rounded, 0 where the raster has no data."""
+    return np.where(valid, np.round(prob * 255), 0).astype(np.uint8)
 
 
 def teacher_features(ctx: Context, model_name: str, rasters: list[Raster]) -> tuple[int, list[np.ndarray]]:
@@ -187,7 +192,7 @@ def decision_threshold(ctx: Context, model: SegModel) -> float:
     maps = []
     for raster in sample:
         prob, valid = predict_raster(infer, raster, ctx.normalizer, ctx.config.tile, ctx.config.overlap)
-        maps.append(np.where(valid, np.round(prob * 255), 0).astype(np.uint8))
+        maps.append(_uint8(prob, valid))
     model.train(was_training)
     stored = prior_threshold([maps], road_prior(ctx.labelled.labels))
     # That count is of map values strictly above ``stored``: road starts one uint8 step higher, which is also
