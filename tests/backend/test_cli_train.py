@@ -201,6 +201,37 @@ def test_ablation_students_train_as_long_as_the_source_run_by_default(tiny_run, 
     assert stored["steps"]["student"] == RunDir.open(tiny_run[0]).config.stage_steps("student") == 6
 
 
+def test_students_can_match_several_decoder_layers_of_their_teacher(tiny_dataset, run_main, tmp_path):
+    config = tmp_path / "layers.json"
+    config.write_text(json.dumps({"student_teachers": ["a"], "feature_layers": [0, 2]}))
+    code, events = run_main("train", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(tmp_path / "run"),
+                            "--config", str(config), "--stages", "teacher_a,student_kd")
+    assert code == 0, errors(events)
+    cache = tmp_path / "run" / "targets" / "teacher_a"
+    image = np.load(next((cache / "features").glob("*.npy")))
+    coarse = np.load(next((cache / "features_2").glob("*.npy")))  # tiny-unet's layer 2 is 4x coarser
+    assert coarse.shape[-2:] == (-(-image.shape[-2] // 4), -(-image.shape[-1] // 4))
+    feat = [e["value"] for e in events if e["event"] == "metric" and e["name"] == "loss_feat"]
+    assert feat and all(np.isfinite(feat)) and all(v > 0 for v in feat)
+
+
+def test_ablation_can_validate_on_the_test_pairs_of_a_validation_fold(tiny_run, run_main, tmp_path):
+    out = tmp_path / "ablation"
+    code, events = run_main("ablate", str(tiny_run[0]), "--out", str(out), "--variants", "default",
+                            "--validate-on", "fold", "--steps", "2")
+    assert code == 0, errors(events)
+    source = RunDir.open(tiny_run[0])
+    variant = RunDir.open(out / "default")
+    held = len(source.dataset.test)
+    assert variant.config.holdout == held
+    assert variant.dataset.labelled[:held] == source.dataset.test  # validated on, never trained on
+    assert variant.dataset.labelled[held:] == source.dataset.labelled and not variant.dataset.test
+    assert any(e["event"] == "warning" and "validation fold" in e["message"] for e in events)
+    code, events = run_main("ablate", str(tiny_run[0]), "--out", str(tmp_path / "layers"), "--variants",
+                            "feature layer 2 (1/4 resolution)", "--steps", "2", "--holdout", "1")
+    assert code != 0 and "tiny-fpn has no decoder feature layer 2" in errors(events)[0]["message"]
+
+
 def test_int8_export_is_kept_only_within_one_iou_point(tiny_run, run_main, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "student.onnx"

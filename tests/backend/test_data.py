@@ -166,6 +166,23 @@ def test_teacher_features_are_cropped_on_their_grid(tmp_path):
         CropSampler([raster], None, crop=32, normalizer=norm, seed=3, features=[(3, [features])])
 
 
+def test_decoder_feature_layers_step_back_through_the_decoder():
+    from road_sslkd.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny-unet", weights="none").eval()
+    assert [model.feature_shape(k, 3)[1] for k in (0, 1, 2)] == [1, 2, 4]  # each layer one step coarser
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, (last, coarse) = model.forward_features(x, layers=(0, 2))
+        assert coarse.shape[-2:] == (16, 16)
+        torch.testing.assert_close(logits, model.net.segmentation_head(last))  # layer 0 is what the head reads
+        torch.testing.assert_close(logits, model(x))  # asking for more layers changes nothing else
+    assert all(not block._forward_hooks for block in model.net.decoder.blocks)
+    with pytest.raises(data.UserError, match="tiny-fpn has no decoder feature layer 1"):
+        build_model("tiny-fpn", weights="none").feature_shape(1, 3)
+
+
 def test_teacher_features_of_large_rasters_are_stitched_from_blocks(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -178,7 +195,7 @@ def test_teacher_features_of_large_rasters_are_stitched_from_blocks(tmp_path, mo
     model = build_model("tiny-fpn", weights="none").eval()
     ctx = SimpleNamespace(normalizer=Normalizer.fit([raster]), device=torch.device("cpu"), in_channels=3,
                           config=SimpleNamespace(amp=False))  # float32: blocks and whole raster compared exactly
-    channels, stride = targets._feature_shape(model, ctx)
+    channels, stride = model.feature_shape(0, 3)
     whole = targets._raster_features(model, raster, ctx, channels, stride)
     monkeypatch.setattr(targets, "WHOLE_RASTER_PX", 64)  # 4 x 3 blocks, each with 64 px of context around it
     blocks = targets._raster_features(model, raster, ctx, channels, stride)

@@ -15,7 +15,7 @@ def _step(dtype):
     image = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
     label = (torch.rand(2, 64, 64) > 0.8).float()
     with precision.autocast(CPU, dtype):
-        logits, features = model.forward_features(image)
+        logits, (features,) = model.forward_features(image)
         loss = seg_loss(logits, label, torch.ones_like(label, dtype=torch.bool))
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -5,7 +5,9 @@ benchmark seed), with one setting changed. The student of every variant trains o
 ``--holdout`` images, which it never sees, and is scored on them (whole images, road IoU). The teachers of a
 benchmark seed saw those images in their own training, which inflates the scores, most for variants that
 copy the teachers closely (docs/method.md, "Ablation"); a source trained with the same ``holdout`` setting
-avoids that. Students train as long as the source's unless ``--steps`` is given: shorter ones rank settings
+avoids that, and so does a source trained on a validation fold (scripts/validation_folds.py: held-out
+labelled images as its test pairs) with ``--validate-on fold``, which scores the variants on those pairs
+instead. Students train as long as the source's unless ``--steps`` is given: shorter ones rank settings
 in another regime (their teacher far ahead of them). Each variant is an ordinary run folder under OUT_DIR
 (resumable).
 """
@@ -36,6 +38,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "temperature 1": {"temperature": 1.0},
     "temperature 4": {"temperature": 4.0},
     "no feature distillation": {"w_feat": 0.0},
+    "feature layer 1 (1/2 resolution)": {"feature_layers": [1]},
+    "feature layer 2 (1/4 resolution)": {"feature_layers": [2]},
+    "feature layers 0-2": {"feature_layers": [0, 1, 2]},
     # Both ways: a source run written before the setting existed has one-pass targets as its default.
     "one-pass targets": {"teacher_tta": False},
     "test-time augmented targets": {"teacher_tta": True},
@@ -47,13 +52,28 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+VALIDATE_ON = ("holdout", "fold")
+
+
 def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int, device: str,
-           command: str = "") -> list[dict]:
-    """Train the variants' students; ablation.json and ablation.md are rewritten after each variant."""
+           command: str = "", validate_on: str = "holdout") -> list[dict]:
+    """Train the variants' students; ablation.json and ablation.md are rewritten after each variant.
+
+    ``validate_on`` "holdout": the first ``holdout`` labelled pairs; "fold": the source's test pairs, which
+    must be held-out labelled images (a validation fold), never a real test split.
+    """
     teachers = [f"teacher_{t}_ssl" for t in ("a", "b")]
     missing = [t for t in teachers if not source.has_model(t)]
     if missing:
         raise events.UserError(f"{source.path} has no {', '.join(missing)}", "give a run whose teachers_ssl finished")
+    labelled = source.dataset.labelled
+    if validate_on == "fold":
+        if not source.dataset.test:
+            raise events.UserError(f"{source.path} has no test pairs to validate on",
+                                   "give a run trained on a validation fold (scripts/validation_folds.py)")
+        labelled, holdout = source.dataset.test + labelled, len(source.dataset.test)
+        events.warning(f"scoring the variants on the {holdout} test pairs of {source.path}: this is only right "
+                       "when they are held-out labelled images of a validation fold")
     shared_targets = out / "targets"
     shared_targets.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -62,7 +82,7 @@ def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int
         fraction = overrides.pop("unlabelled_fraction", 1.0)
         cfg = replace(source.config, stages=["student_sslkd"], holdout=holdout, val_every=steps,
                       steps={**source.config.steps, "student": steps}, steps_scale=1.0, **overrides)
-        spec = replace(source.dataset, test=[],
+        spec = replace(source.dataset, test=[], labelled=labelled,
                        unlabelled=source.dataset.unlabelled[: max(1, round(fraction * len(source.dataset.unlabelled)))])
         path = out / _slug(name)
         run = RunDir.open(path) if (path / "config.json").exists() else RunDir.create(path, cfg, spec)
@@ -99,6 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the variants' runs and ablation.md")
     p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     p.add_argument("--holdout", type=int, default=2, help="labelled images kept for validation")
+    p.add_argument("--validate-on", choices=VALIDATE_ON, default="holdout",
+                   help="holdout: the first --holdout labelled images; fold: the test pairs of a source trained "
+                   "on a validation fold (scripts/validation_folds.py), which its teachers never saw")
     p.add_argument("--steps", type=int, help="student steps per variant (default: the source run's, as long as "
                    "its benchmark trains them; shorter students rank settings differently, docs/method.md)")
     p.add_argument("--device", default="auto")
@@ -113,5 +136,5 @@ def _run(args: argparse.Namespace) -> None:
         raise events.UserError(f"unknown variant(s): {', '.join(unknown)}", f"choose from: {', '.join(VARIANTS)}")
     source = RunDir.open(args.source)
     steps = args.steps or source.config.stage_steps("student")
-    ablate(source, args.out, names, args.holdout, steps, args.device, args.command_line)
+    ablate(source, args.out, names, args.holdout, steps, args.device, args.command_line, args.validate_on)
     events.artifact("ablation", args.out / "ablation.md")

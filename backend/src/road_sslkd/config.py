@@ -49,6 +49,9 @@ class Config:
     # (method.md, "Teacher outputs are computed once"). The cross-model stage's pseudo-labels stay one pass.
     teacher_tta: bool = True
     w_feat: float = 1.0  # feature distillation from cached teacher features (method.md, "Ablation")
+    # Which decoder maps it matches: 0 is the one the head reads, k the input of the k-th block from the end
+    # (models.SegModel.forward_features); several are averaged.
+    feature_layers: list[int] = field(default_factory=lambda: [0])
     align_prior: bool = True  # pseudo-labels and soft targets call as much road as the labelled masks (method.md)
     confidence: str = "weight"  # how the student weighs pseudo-labels: one of CONFIDENCE (losses.pseudo_label)
     w_prob: float = 1.0

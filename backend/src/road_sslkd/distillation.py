@@ -5,9 +5,10 @@ The frozen teachers (``student_teachers``: one, or several averaged; with ``teac
 the student learns the labels and the teachers' temperature-softened probabilities; on unlabelled crops it
 sees a strong view (CutMix + photometric) and learns the same soft targets plus the teachers'
 confidence-weighted hard pseudo-labels.
-Teacher outputs and decoder features (for feature distillation: a 1x1 adapter per teacher maps the
-student's decoder features onto the teacher's) come from the cache of targets.py, so a step costs two
-student passes and no teacher pass. Without unlabelled data (``student_kd``) this is plain distillation.
+Teacher outputs and decoder features (for feature distillation: a 1x1 adapter per teacher and
+``feature_layers`` entry maps the student's decoder features onto the teacher's) come from the cache of
+targets.py, so a step costs two student passes and no teacher pass. Without unlabelled data (``student_kd``)
+this is plain distillation.
 
 With ``align_prior`` the teachers' probabilities are shifted (losses.shift_prior) before they become soft
 targets or pseudo-labels, so that on each set of rasters (labelled, unlabelled) they call as many pixels road
@@ -36,14 +37,18 @@ class DistillStage(Stage):
         super().__init__(ctx)
         self.name, self.uses_unlabelled = name, unlabelled
         self.student = build_model(ctx.config.student, ctx.in_channels, ctx.config.weights)
-        features, tta = ctx.config.w_feat > 0, ctx.config.teacher_tta
-        lab = attach(ctx, teachers, ctx.labelled, features, tta)
-        self._samplers = (lab, attach(ctx, teachers, ctx.unlabelled, features, tta) if unlabelled else None)
+        self.layers = tuple(ctx.config.feature_layers) if ctx.config.w_feat > 0 else ()
+        tta = ctx.config.teacher_tta
+        lab = attach(ctx, teachers, ctx.labelled, self.layers, tta)
+        self._samplers = (lab, attach(ctx, teachers, ctx.unlabelled, self.layers, tta) if unlabelled else None)
         # per sampler (labelled, unlabelled): the teachers' probability that becomes 0.5 after the shift
         self.thresholds = [aligned_threshold(ctx, sampler.targets, name, kind) if sampler is not None else 0.5
                            for sampler, kind in zip(self._samplers, ("labelled", "unlabelled"))]
+        # one 1x1 adapter per (teacher, layer), in attach's order: the student's layer onto the teacher's
+        student_channels = [self.student.feature_shape(k, ctx.in_channels)[0] for k in self.layers]
         self.adapters = nn.ModuleList(
-            nn.Conv2d(self.student.feature_channels, maps[0].shape[0], 1) for _, maps in lab.features
+            nn.Conv2d(student_channels[i % len(self.layers)], maps[0].shape[0], 1)
+            for i, (_, maps) in enumerate(lab.features)
         )
 
     def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:
@@ -60,11 +65,11 @@ class DistillStage(Stage):
 
     def _student(self, view: dict, teacher_prob: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student logits on a view and its distillation terms against the teachers."""
-        logits, features = self.student.forward_features(view["image"])
+        logits, features = self.student.forward_features(view["image"], layers=self.layers or (0,))
         teacher_logits = torch.logit(teacher_prob, eps=1e-3)
         terms = {"loss_prob": prob_distill(logits, teacher_logits, view["valid"], self.ctx.config.temperature)}
         if len(self.adapters):
-            terms["loss_feat"] = sum(feature_distill(a(features), view[f"features_{i}"])
+            terms["loss_feat"] = sum(feature_distill(a(features[i % len(self.layers)]), view[f"features_{i}"])
                                      for i, a in enumerate(self.adapters)) / len(self.adapters)
         return logits, terms
 

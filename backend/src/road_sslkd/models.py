@@ -1,7 +1,9 @@
 """Registry of segmentation architectures (segmentation-models-pytorch) with features for distillation.
 
-Every model outputs one channel of road logits. ``SegModel.forward_features`` also returns the decoder's
-last feature map (before the segmentation head): it is what feature distillation aligns.
+Every model outputs one channel of road logits. ``SegModel.forward_features`` also returns decoder feature
+maps: layer 0 is the decoder's output (what the segmentation head reads), layer k the input of the k-th
+decoder block from the end (U-Net and LinkNet; each is one step coarser). They are what feature distillation
+aligns.
 """
 
 from __future__ import annotations
@@ -78,20 +80,44 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
 
-    def forward_features(self, x: torch.Tensor, feature_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at input size and decoder features; optional dropout on encoder features (UniMatch's FP)."""
+    def forward_features(self, x: torch.Tensor, feature_dropout: float = 0.0,
+                         layers: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits at input size and the decoder features of ``layers`` (module docstring); optional dropout
+        on the encoder features (UniMatch's feature perturbation)."""
         feats = self.net.encoder(x)
         if feature_dropout > 0:
             feats = [nn.functional.dropout2d(f, feature_dropout, training=True) for f in feats]
-        decoded = self.net.decoder(feats)
-        logits = self.net.segmentation_head(decoded).float()  # losses and thresholds stay float32 under autocast
+        blocks = self._decoder_blocks(max(layers))
+        captured: dict[int, torch.Tensor] = {}
+        handles = [blocks[-1 - k].register_forward_hook(lambda _m, _i, out, k=k: captured.__setitem__(k, out))
+                   for k in set(layers) if k > 0]
+        try:
+            captured[0] = self.net.decoder(feats)
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = self.net.segmentation_head(captured[0]).float()  # losses and thresholds stay float32 under autocast
         if logits.shape[-2:] != x.shape[-2:]:
             logits = nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, decoded
+        return logits, [captured[k] for k in layers]
 
-    @property
-    def feature_channels(self) -> int:
-        return self.net.segmentation_head[0].in_channels
+    def _decoder_blocks(self, deepest: int) -> nn.ModuleList:
+        blocks = getattr(self.net.decoder, "blocks", None)
+        count = len(blocks) if isinstance(blocks, nn.ModuleList) else 0
+        if deepest >= max(1, count):
+            raise UserError(f"{self.name} has no decoder feature layer {deepest}",
+                            f"choose feature_layers from 0 to {max(0, count - 1)} for it (0: the map its head reads)")
+        return blocks
+
+    def feature_shape(self, layer: int, in_channels: int) -> tuple[int, int]:
+        """Channels and stride (input pixels per feature cell) of decoder feature layer ``layer``."""
+        was_training = self.training
+        self.eval()  # a probe must not move batch-norm statistics
+        with torch.no_grad():
+            probe = torch.zeros(1, in_channels, 64, 64, device=next(self.parameters()).device)
+            features = self.forward_features(probe, layers=(layer,))[1][0]
+        self.train(was_training)
+        return features.shape[1], 64 // features.shape[-1]
 
 
 @lru_cache(maxsize=1)

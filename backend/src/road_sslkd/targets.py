@@ -72,12 +72,14 @@ def _uint8(prob: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid, np.round(prob * 255), 0).astype(np.uint8)
 
 
-def teacher_features(ctx: Context, model_name: str, rasters: list[Raster]) -> tuple[int, list[np.ndarray]]:
-    """The stride of ``model_name``'s decoder features and one cached int8 (C, H/stride, W/stride) map per raster."""
-    folder = ctx.run.path / "targets" / model_name / "features"
+def teacher_features(ctx: Context, model_name: str, rasters: list[Raster],
+                     layer: int = 0) -> tuple[int, list[np.ndarray]]:
+    """The stride of ``model_name``'s decoder feature layer ``layer`` (models.SegModel.forward_features) and one
+    cached int8 (C, H/stride, W/stride) map of it per raster."""
+    folder = ctx.run.path / "targets" / model_name / ("features" if layer == 0 else f"features_{layer}")
     paths = [folder / _file_name(r) for r in rasters]
     model = ctx.run.load_model(model_name).to(ctx.device).eval()
-    channels, stride = _feature_shape(model, ctx)
+    channels, stride = model.feature_shape(layer, ctx.in_channels)
     missing = [i for i, p in enumerate(paths) if not p.exists()]
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,7 @@ def teacher_features(ctx: Context, model_name: str, rasters: list[Raster]) -> tu
         for done, i in enumerate(missing):
             if done % 10 == 0:
                 events.progress(f"features {model_name}", done, len(missing))
-            _save(paths[i], _raster_features(model, rasters[i], ctx, channels, stride))
+            _save(paths[i], _raster_features(model, rasters[i], ctx, channels, stride, layer))
         events.progress(f"features {model_name}", len(missing), len(missing))
     return stride, [np.load(p, mmap_mode="r") for p in paths]
 
@@ -100,14 +102,7 @@ def _dtype(ctx: Context) -> Optional[torch.dtype]:
     return amp_dtype(ctx.device, ctx.config.amp)
 
 
-def _feature_shape(model: SegModel, ctx: Context) -> tuple[int, int]:
-    probe = torch.zeros(1, ctx.in_channels, 64, 64, device=ctx.device)
-    with torch.no_grad():
-        features = model.forward_features(probe)[1]
-    return features.shape[1], 64 // features.shape[-1]
-
-
-def _raster_features(model: SegModel, raster: Raster, ctx: Context, channels: int, stride: int,
+def _raster_features(model: SegModel, raster: Raster, ctx: Context, channels: int, stride: int, layer: int = 0,
                      margin: int = 64) -> np.ndarray:
     """Per-pixel normalised int8 features of a whole raster, in blocks with a margin of context on each side."""
     block = WHOLE_RASTER_PX
@@ -119,7 +114,8 @@ def _raster_features(model: SegModel, raster: Raster, ctx: Context, channels: in
             image, _ = raster.read(y0, x0, y1 - y0, x1 - x0)
             image = pad_to(ctx.normalizer(image), -(-(y1 - y0) // 32) * 32, -(-(x1 - x0) // 32) * 32)
             with torch.no_grad(), autocast(ctx.device, _dtype(ctx)):
-                features = model.forward_features(torch.from_numpy(np.ascontiguousarray(image))[None].to(ctx.device))[1]
+                features = model.forward_features(torch.from_numpy(np.ascontiguousarray(image))[None].to(ctx.device),
+                                                  layers=(layer,))[1][0]
             features = torch.nn.functional.normalize(features[0].float(), dim=0).cpu().numpy()
             fy, fx = (y - y0) // stride, (x - x0) // stride
             h, w = -(-min(block, raster.height - y) // stride), -(-min(block, raster.width - x) // stride)
@@ -200,8 +196,9 @@ def decision_threshold(ctx: Context, model: SegModel) -> float:
     return min(stored + 1 / 255, 1 - 1e-3)
 
 
-def attach(ctx: Context, teachers: tuple[str, ...], sampler: CropSampler, features: bool = False,
+def attach(ctx: Context, teachers: tuple[str, ...], sampler: CropSampler, layers: tuple[int, ...] = (),
            tta: bool = False) -> CropSampler:
-    """``sampler`` with the teachers' cached maps (and, asked for, decoder features) of its rasters attached."""
+    """``sampler`` with the teachers' cached maps of its rasters attached, and their decoder features of
+    ``layers``, teacher by teacher and layer by layer within each."""
     return sampler.with_targets([teacher_maps(ctx, t, sampler.rasters, tta) for t in teachers],
-                                [teacher_features(ctx, t, sampler.rasters) for t in teachers] if features else None)
+                                [teacher_features(ctx, t, sampler.rasters, k) for t in teachers for k in layers])
