@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import time
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -80,16 +81,19 @@ def test_evaluate_and_export_commands(tiny_run, tiny_dataset, run_main, tmp_path
     assert code == 2 and "--overwrite" in errors(events)[0]["hint"]
 
 
-def test_every_model_ships_a_threshold_that_calls_the_labelled_road_share_road(tiny_run):
+def test_models_ship_at_one_half_or_at_the_threshold_that_calls_the_labelled_road_share_road(tiny_run):
     run, _ = tiny_run
     rd = RunDir.open(run)
-    ctx = build_context(rd, torch.device("cpu"))
-    prior = road_prior(ctx.labelled.labels)
     metrics = json.loads((run / "metrics.json").read_text())["models"]
+    meta = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert json.loads(meta.custom_metadata_map["seg_thresh"]) == metrics["student_sslkd"]["threshold"] == 0.5
+    ctx = build_context(rd, torch.device("cpu"))
+    ctx = replace(ctx, config=replace(ctx.config, align_decision=True))
+    prior = road_prior(ctx.labelled.labels)
     for name in ("teacher_a", "teacher_b_ssl", "student_sslkd"):
-        threshold = metrics[name]["threshold"]
+        assert metrics[name]["threshold"] == 0.5  # align_decision is off by default
+        threshold = decision_threshold(ctx, rd.load_model(name))
         assert 0.0 < threshold < 1.0
-        assert threshold == decision_threshold(ctx, rd.load_model(name))
         # On the model's own uint8 maps of the pool, at its threshold it calls at most the labelled share road;
         # one step lower, more.
         infer = torch_infer(rd.load_model(name).eval(), ctx.device)  # float32, the run's tiles: as evaluated
@@ -100,8 +104,6 @@ def test_every_model_ships_a_threshold_that_calls_the_labelled_road_share_road(t
         stored = np.concatenate(stored)
         step = round(threshold * 255)
         assert np.mean(stored >= step) <= prior + 1e-9 < np.mean(stored >= step - 1)
-    meta = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
-    assert json.loads(meta.custom_metadata_map["seg_thresh"]) == metrics["student_sslkd"]["threshold"]
 
 
 def _wait_for_step(proc: subprocess.Popen, stage: str, min_step: int) -> list[dict]:
@@ -165,10 +167,13 @@ def test_cross_model_stage_learning_rate_scale(tiny_run, tiny_dataset, run_main,
 
 def test_a_run_written_before_a_setting_keeps_its_earlier_behaviour(tiny_run, tmp_path):
     stored = json.loads((tiny_run[0] / "config.json").read_text())
-    assert stored["config"].pop("teacher_tta") is True  # today's default
+    assert stored["config"].pop("teacher_tta") is True  # today's defaults
+    assert stored["config"].pop("align_decision") is False
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
-    assert RunDir.open(tmp_path / "old").config.teacher_tta is False  # its students learnt from one pass
+    old = RunDir.open(tmp_path / "old").config
+    assert old.teacher_tta is False  # its students learnt from one pass
+    assert old.align_decision is True  # its models were scored at their aligned thresholds
 
 
 def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):

@@ -179,9 +179,9 @@ def report_markdown(report: dict) -> str:
         f"Seeds {report['seeds']}, road-sslkd {report['version']}, {report['date']}, "
         f"{report['machine']['cpu']} ({report['machine']['cores']} cores), GPU: {report['machine']['gpu']}.",
         "",
-        "Road-class metrics on the whole test rasters (percent, mean ± std over seeds), each model at its own "
-        "decision threshold (prior alignment of its output on the unlabelled pool, docs/method.md; IoU @0.5 "
-        "for comparison); relaxed F1 counts a hit "
+        "Road-class metrics on the whole test rasters (percent, mean ± std over seeds), each model at the "
+        "threshold it ships with (0.5, or with align_decision the prior alignment of its output on the unlabelled "
+        "pool, docs/method.md; IoU @0.5 for comparison); relaxed F1 counts a hit "
         "within 3 px; Mpx/s is onnxruntime on this CPU (all threads, 2 tiles per batch); setup and train seconds "
         "per stage (setup: caching the teachers' outputs; teacher_*_ssl share one stage).",
         "",

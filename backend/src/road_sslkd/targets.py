@@ -171,14 +171,16 @@ DECISION_SAMPLE = 32  # rasters of the pool that set a model's decision threshol
 
 
 def decision_threshold(ctx: Context, model: SegModel) -> float:
-    """The road threshold a trained model ships with and is evaluated at: prior alignment of its own output.
+    """The road threshold a trained model ships with and is evaluated at: 0.5, or with ``align_decision``
+    prior alignment of its own output.
 
-    The probability above which the model calls as large a share of the unlabelled pool (the labelled
-    rasters without one) road as the labelled masks hold. Networks trained with BCE + Dice on thin roads call
-    too many pixels road at 0.5; this is the label-free rule the students' targets get (aligned_threshold),
-    applied alike to every model. Its maps are not cached: a model's name outlives the model (the ablation
-    retrains ``student_sslkd`` over one shared cache).
+    That is the probability above which the model calls as large a share of the unlabelled pool (the
+    labelled rasters without one) road as the labelled masks hold: the label-free rule the students' targets
+    get (aligned_threshold), applied alike to every model. Its maps are not cached: a model's name outlives
+    the model (the ablation retrains ``student_sslkd`` over one shared cache).
     """
+    if not ctx.config.align_decision:
+        return 0.5
     pool = (ctx.unlabelled or ctx.labelled).rasters
     sample = pool[:: max(1, -(-len(pool) // DECISION_SAMPLE))]
     # Predicted as the evaluation and the ONNX model predict (float32, the run's tiles): an overconfident
