@@ -97,9 +97,9 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
     first_run = runs[0]
     models = aggregate(per_seed)
     with tempfile.TemporaryDirectory() as tmp:  # throughput of every model as an ONNX on this CPU
-        for name in models:
-            onnx_path = export_run_model(first_run, name, Path(tmp) / f"{name}.onnx")
-            models[name]["mpx_per_s"] = onnx_throughput(onnx_path, len(cfg.bands), size=cfg.tile)
+        paths = [export_run_model(first_run, name, Path(tmp) / f"{name}.onnx") for name in models]
+        for name, speed in zip(models, onnx_throughput(paths, len(cfg.bands), size=cfg.tile)):
+            models[name]["mpx_per_s"] = speed
     return models, first_run
 
 

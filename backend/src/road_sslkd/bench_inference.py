@@ -112,14 +112,10 @@ def run_benchmark(work: Path, threads: int, sizes: list[int]) -> dict:
     events.progress("bench-inference", 1, 3 + len(sizes), what="throughput")
     eager = torch_throughput(student, threads)
     student_name = f"student {STUDENT}"
+    onnx_models = [(student_name, "ONNX fp32", student_onnx), (student_name, "ONNX INT8", int8_onnx), *teachers]
+    speeds = onnx_throughput([path for _, _, path in onnx_models], 3, TILE, BATCH, 3, threads)
     throughput = [(student_name, "torch eager", eager)] + [
-        (name, runtime, onnx_throughput(path, 3, TILE, BATCH, 3, threads))
-        for name, runtime, path in (
-            (student_name, "ONNX fp32", student_onnx),
-            (student_name, "ONNX INT8", int8_onnx),
-            *teachers,
-        )
-    ]
+        (name, runtime, speed) for (name, runtime, _), speed in zip(onnx_models, speeds)]
     rasters = []
     for step, size in enumerate(sizes, 2):
         events.progress("bench-inference", step, 3 + len(sizes), what=f"raster {size} px")

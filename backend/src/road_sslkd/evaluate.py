@@ -104,22 +104,28 @@ def _run(args: argparse.Namespace) -> None:
     events.emit("done", results=results)
 
 
-def onnx_throughput(path: Path, channels: int, size: int = 512, batch: int = 2, repeats: int = 10,
-                    threads: int = 0) -> float:
-    """Megapixels per second of an ONNX model with onnxruntime on the CPU (best of ``repeats`` batches)."""
+def onnx_throughput(paths: list[Path], channels: int, size: int = 512, batch: int = 2, repeats: int = 10,
+                    threads: int = 0) -> list[float]:
+    """Megapixels per second of each ONNX model with onnxruntime on the CPU, best of ``repeats`` batches.
+
+    The models take turns, one batch each per round, so that a slow spell of the machine (another process, a
+    clock change) hits all of them alike: measured one after another, identical networks differed by up to
+    1.8x in one benchmark report."""
     import time
 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for path in paths]
     x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
-    name = session.get_inputs()[0].name
-    session.run(None, {name: x})  # warm-up: first run allocates
-    best = float("inf")
+    feeds = [{session.get_inputs()[0].name: x} for session in sessions]
+    for session, feed in zip(sessions, feeds):
+        session.run(None, feed)  # warm-up: first run allocates
+    best = [float("inf")] * len(sessions)
     for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        best = min(best, time.perf_counter() - start)
-    return batch * size * size / best / 1e6
+        for i, (session, feed) in enumerate(zip(sessions, feeds)):
+            start = time.perf_counter()
+            session.run(None, feed)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [batch * size * size / seconds / 1e6 for seconds in best]

@@ -100,16 +100,13 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     if student is not None and export:
         events.progress("export", 0, 1)
         onnx_path = export_run_model(run, student, run.path / "student.onnx", overwrite=True)
-        speed = onnx_throughput(onnx_path, len(cfg.bands), size=cfg.tile)
-        run.update_metrics(student, {"mpx_per_s": round(speed, 3)})
-        events.metric("mpx_per_s", speed, stage=student)
         events.artifact("onnx", onnx_path)
         (run.path / "student.int8.onnx").unlink(missing_ok=True)  # never beside a student.onnx it does not copy
         int8 = export_int8(run, onnx_path, overwrite=True) if cfg.int8 else None
-        if int8 is not None:
-            speed = onnx_throughput(int8, len(cfg.bands), size=cfg.tile)
-            run.update_metrics(student, {"mpx_per_s_int8": round(speed, 3)})
-            events.metric("mpx_per_s_int8", speed, stage=student)
+        shipped = {"mpx_per_s": onnx_path} | ({"mpx_per_s_int8": int8} if int8 is not None else {})
+        for key, speed in zip(shipped, onnx_throughput(list(shipped.values()), len(cfg.bands), size=cfg.tile)):
+            run.update_metrics(student, {key: round(speed, 3)})
+            events.metric(key, speed, stage=student)
         events.progress("export", 1, 1)
     metrics = run.metrics()
     (run.path / "report.md").write_text(report_markdown(run, metrics, command))
