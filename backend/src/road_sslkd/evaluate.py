@@ -108,15 +108,16 @@ def onnx_throughput(paths: list[Path], channels: int, size: int = 512, batch: in
                     threads: int = 0) -> list[float]:
     """Megapixels per second of each ONNX model with onnxruntime on the CPU, best of ``repeats`` batches.
 
-    The models take turns, one batch each per round, so that a slow spell of the machine (another process, a
-    clock change) hits all of them alike: measured one after another, identical networks differed by up to
-    1.8x in one benchmark report."""
+    The models take turns, one batch each per round, so that a slow spell of the machine hits all of them
+    alike, and their thread pools do not spin while idle: a spinning pool of one session took the cores from
+    the next, and identical networks measured 3.0 and 5.1 Mpx/s in turns with spinning, 4.5 and 5.1 without."""
     import time
 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for path in paths]
     x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
     feeds = [{session.get_inputs()[0].name: x} for session in sessions]
