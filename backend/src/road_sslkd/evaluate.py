@@ -110,7 +110,7 @@ def onnx_throughput(paths: list[Path], channels: int, size: int = 512, batch: in
 
     The models take turns, one batch each per round, so that a slow spell of the machine hits all of them
     alike, and their thread pools do not spin while idle: a spinning pool of one session took the cores from
-    the next, and identical networks measured 3.0 and 5.1 Mpx/s in turns with spinning, 4.5 and 5.1 without."""
+    the next (in turns, one student measured 3.0 Mpx/s with spinning, 4.5 without; 5.1 alone)."""
     import time
 
     import onnxruntime as ort
