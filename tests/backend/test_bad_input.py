@@ -89,6 +89,13 @@ def test_unknown_setting_in_config_file(run_main, tmp_path, tiny_dataset):
     assert "valid:" in error["hint"]
 
 
+def test_unknown_choice_of_sslkd_teachers(run_main, tmp_path, tiny_dataset):
+    cfg = tmp_path / "settings.json"
+    cfg.write_text(json.dumps({"sslkd_teachers": "supervised"}))
+    error = _fails(run_main, tmp_path, "--data", str(tiny_dataset), "--config", str(cfg), needle="sslkd_teachers")
+    assert "ssl, warmup" in error["hint"]
+
+
 def test_dataset_folder_without_split(run_main, tmp_path, tiny_dataset):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset / "images", data / "images")

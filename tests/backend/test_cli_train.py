@@ -1,6 +1,8 @@
 """End-to-end: `road-sslkd train --preset tiny` through the real CLI as a subprocess."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -196,6 +198,27 @@ def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):
     assert len(fewer["dataset"]["unlabelled"]) == 1  # a quarter of the 2 synthetic unlabelled scenes, at least 1
     default = out / "default" / "models"
     assert (default / "student_sslkd.pt").exists() and not (default / "teacher_a.pt").exists()
+
+
+def test_ablation_can_distil_from_the_supervised_warmup_teachers(tiny_run, run_main, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(tiny_run[0], source, copy_function=os.link)
+    (source / "models" / "teacher_b.pt").unlink()
+    variants = "default,supervised warm-up teachers"
+    code, events = run_main("ablate", str(source), "--out", str(tmp_path / "gone"), "--variants", variants,
+                            "--steps", "2", "--holdout", "1")
+    assert code == 2 and "teacher_b (for 'supervised warm-up teachers')" in errors(events)[0]["message"]
+    assert not (tmp_path / "gone").exists(), "checked before any variant trains"
+
+    out = tmp_path / "ablation"
+    code, events = run_main("ablate", str(tiny_run[0]), "--out", str(out), "--variants", variants,
+                            "--steps", "2", "--holdout", "1")
+    assert code == 0, errors(events)
+    warm = RunDir.open(out / "supervised_warm_up_teachers")
+    assert warm.config.sslkd_teachers == "warmup" and warm.has_model("teacher_b")
+    assert not warm.has_model("teacher_b_ssl")
+    cached = {p.relative_to(out / "targets").parts[0] for p in (out / "targets").rglob("*.npy")}
+    assert cached == {"teacher_b", "teacher_b_ssl"}  # the tiny preset's students learn from teacher b
 
 
 def test_ablation_students_train_as_long_as_the_source_run_by_default(tiny_run, run_main, tmp_path):

@@ -1,7 +1,7 @@
 """`road-sslkd ablate`: what drives the SSLKD student, measured on validation images, never on the test split.
 
-Every variant retrains only the SSLKD student, from the semi-supervised teachers of a finished run (a
-benchmark seed), with one setting changed. The student of every variant trains on the labelled set minus
+Every variant retrains only the SSLKD student, from the teachers of a finished run (a benchmark seed),
+with one setting changed. The student of every variant trains on the labelled set minus
 ``--holdout`` images, which it never sees, and is scored on them (whole images, road IoU). The teachers of a
 benchmark seed saw those images in their own training, which inflates the scores, most for variants that
 copy the teachers closely (docs/method.md, "Ablation"); a source trained with the same ``holdout`` setting
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import events
-from .pipeline import train
+from .pipeline import teachers_of, train
 from .runs import RunDir, install_stop_handlers
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -30,6 +30,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no pseudo-labels": {"w_unsup": 0.0},
     "no probability distillation": {"w_prob": 0.0},
     "teacher pair": {"student_teachers": ["a", "b"]},
+    "supervised warm-up teachers": {"sslkd_teachers": "warmup"},
     "single teacher a": {"student_teachers": ["a"]},
     "25% of the unlabelled data": {"unlabelled_fraction": 0.25},
     "no prior alignment": {"align_prior": False},
@@ -62,10 +63,6 @@ def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int
     ``validate_on`` "holdout": the first ``holdout`` labelled pairs; "fold": the source's test pairs, which
     must be held-out labelled images (a validation fold), never a real test split.
     """
-    teachers = [f"teacher_{t}_ssl" for t in ("a", "b")]
-    missing = [t for t in teachers if not source.has_model(t)]
-    if missing:
-        raise events.UserError(f"{source.path} has no {', '.join(missing)}", "give a run whose teachers_ssl finished")
     labelled = source.dataset.labelled
     if validate_on == "fold":
         if not source.dataset.test:
@@ -74,19 +71,27 @@ def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int
         labelled, holdout = source.dataset.test + labelled, len(source.dataset.test)
         events.warning(f"scoring the variants on the {holdout} test pairs of {source.path}: this is only right "
                        "when they are held-out labelled images of a validation fold")
-    shared_targets = out / "targets"
-    shared_targets.mkdir(parents=True, exist_ok=True)
-    rows = []
+    configs = {}
     for name in names:
         overrides = dict(VARIANTS[name])
         fraction = overrides.pop("unlabelled_fraction", 1.0)
-        cfg = replace(source.config, stages=["student_sslkd"], holdout=holdout, val_every=steps,
-                      steps={**source.config.steps, "student": steps}, steps_scale=1.0, **overrides)
+        configs[name] = (fraction, replace(source.config, stages=["student_sslkd"], holdout=holdout, val_every=steps,
+                                           steps={**source.config.steps, "student": steps}, steps_scale=1.0,
+                                           **overrides))
+    needed = {t: n for n, (_, cfg) in configs.items() for t in teachers_of(cfg, "student_sslkd")}
+    missing = [f"{t} (for '{n}')" for t, n in needed.items() if not source.has_model(t)]
+    if missing:
+        raise events.UserError(f"{source.path} has no {', '.join(missing)}",
+                               "give a run whose teacher stages finished, or leave those variants out")
+    shared_targets = out / "targets"
+    shared_targets.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (fraction, cfg) in configs.items():
         spec = replace(source.dataset, test=[], labelled=labelled,
                        unlabelled=source.dataset.unlabelled[: max(1, round(fraction * len(source.dataset.unlabelled)))])
         path = out / _slug(name)
         run = RunDir.open(path) if (path / "config.json").exists() else RunDir.create(path, cfg, spec)
-        for teacher in teachers:
+        for teacher in teachers_of(cfg, "student_sslkd"):
             if not run.has_model(teacher):
                 run.model_path(teacher).parent.mkdir(exist_ok=True)
                 os.link(source.model_path(teacher), run.model_path(teacher))

@@ -44,6 +44,10 @@ class Config:
     # led the pair on held-out images in three replicates, a lead inflated by the teachers having seen them;
     # on test it was level, at 29 % less training time (method.md, "One teacher, not the pair").
     student_teachers: list[str] = field(default_factory=lambda: ["b"])
+    # Which training of those teachers the SSLKD student learns from: "ssl" (the cross-model teachers, the
+    # paper's method) or "warmup" (the supervised teachers, as the KD baseline does, but on the unlabelled
+    # pool too). At 0.5 the cross-model stage lowered the cpu preset's teachers on the test mean (method.md).
+    sslkd_teachers: str = "ssl"
     # The students' targets average each teacher over 8 flips and rotations (8 passes once per raster): the
     # teachers score higher so, the students gained on 300-step validation but not at 600 steps or on test
     # (method.md, "Teacher outputs are computed once"). The cross-model stage's pseudo-labels stay one pass.
@@ -82,6 +86,7 @@ class Config:
 
 
 CONFIDENCE = ("weight", "threshold", "none")
+SSLKD_TEACHERS = {"ssl": "_ssl", "warmup": ""}  # sslkd_teachers -> the suffix of the teachers' model names
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: the same code paths as the real presets, on test-sized networks.
@@ -130,6 +135,9 @@ def make_config(preset: str, config_file: Path | None = None, **overrides: Any) 
     cfg = replace(cfg, **given)
     if cfg.confidence not in CONFIDENCE:
         raise UserError(f"unknown confidence '{cfg.confidence}'", f"choose one of: {', '.join(CONFIDENCE)}")
+    if cfg.sslkd_teachers not in SSLKD_TEACHERS:
+        raise UserError(f"unknown sslkd_teachers '{cfg.sslkd_teachers}'",
+                        f"choose one of: {', '.join(SSLKD_TEACHERS)}")
     return cfg
 
 

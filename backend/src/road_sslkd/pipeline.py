@@ -2,7 +2,8 @@
 
 teacher_a, teacher_b     supervised warm-up of the two teachers
 teachers_ssl             cross-model semi-supervised teachers (teacher_a_ssl, teacher_b_ssl)
-student_sslkd            the SSLKD student, distilled from the semi-supervised teachers
+student_sslkd            the SSLKD student, distilled from the semi-supervised teachers (or, with
+                         "sslkd_teachers": "warmup", from the supervised ones) on labelled + unlabelled data
 student_supervised       baseline: the student network on labelled data only
 student_ssl              baseline: the student network with UniMatch-style semi-supervision
 student_kd               baseline: distillation from the supervised teachers, labelled data only
@@ -20,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from . import distributed, events
-from .config import Config, make_config
+from .config import SSLKD_TEACHERS, Config, make_config
 from .data import DatasetSpec, LabelledSet
 from .evaluate import evaluate_model, onnx_throughput
 from .export import export_int8, export_run_model
@@ -42,16 +43,19 @@ def _stages() -> dict[str, Callable[[Context], Stage]]:
         "teachers_ssl": CrossModelStage,
         "student_supervised": lambda c: SupervisedStage(c, "student_supervised", c.config.student, "student"),
         "student_ssl": UniMatchStage,
-        "student_kd": lambda c: DistillStage(c, "student_kd", _ensemble(c.config, ""), unlabelled=False),
-        "student_sslkd": lambda c: DistillStage(c, "student_sslkd", _ensemble(c.config, "_ssl"), unlabelled=True),
+        "student_kd": lambda c: DistillStage(c, "student_kd", teachers_of(c.config, "student_kd"), unlabelled=False),
+        "student_sslkd": lambda c: DistillStage(c, "student_sslkd", teachers_of(c.config, "student_sslkd"),
+                                                unlabelled=True),
     }
 
 
-def _ensemble(cfg: Config, suffix: str) -> tuple[str, ...]:
+def teachers_of(cfg: Config, student: str) -> tuple[str, ...]:
+    """The saved teachers a distilled student learns from: KD always the supervised ones, SSLKD per config."""
     unknown = set(cfg.student_teachers) - {"a", "b"}
     if unknown or not cfg.student_teachers:
         raise events.UserError(f"student_teachers must list 'a' and/or 'b', not {cfg.student_teachers}",
                                'e.g. "student_teachers": ["a", "b"]')
+    suffix = "" if student == "student_kd" else SSLKD_TEACHERS[cfg.sslkd_teachers]
     return tuple(f"teacher_{t}{suffix}" for t in cfg.student_teachers)
 
 
