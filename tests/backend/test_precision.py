@@ -42,3 +42,11 @@ def test_amp_dtype_off_means_float32():
     assert precision.amp_dtype(CPU, enabled=False) is None
     # on the CPU, bfloat16 only where the instructions exist (emulated bfloat16 is slower than float32)
     assert precision.amp_dtype(CPU) == (torch.bfloat16 if precision.cpu_has_native_bf16() else None)
+
+
+def test_machine_names_the_instructions_that_set_speed():
+    from road_sslkd.bench import machine
+
+    cpu = machine()["cpu"]
+    for flag in ("avx2", "avx512_vnni", "avx512_bf16"):
+        assert (flag in cpu) == (flag in precision.cpu_flags())

@@ -28,6 +28,7 @@ from .data import DatasetSpec
 from .evaluate import onnx_throughput
 from .export import export_run_model
 from .pipeline import QUALITY_KEYS, STAGE_NAMES, add_config_arguments, config_from_args, metrics_table, train
+from .precision import cpu_flags
 from .runs import RunDir, install_stop_handlers, stop_requested
 
 REPORT_MODELS = ("student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
@@ -62,6 +63,11 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
+    # Two CPUs of one name can differ in the instructions that set training and inference speed
+    # (bfloat16 training, VNNI for INT8), so the name carries them.
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    if simd:
+        cpu = f"{cpu} ({', '.join(simd)})"
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
