@@ -21,6 +21,7 @@ from qgis.core import (
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
+    QgsProcessingParameterString,
 )
 
 from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
@@ -44,6 +45,7 @@ class TrainAlgorithm(RoadAlgorithm):
     PRESET = "PRESET"
     LABEL_WIDTH = "LABEL_WIDTH"
     STEPS_SCALE = "STEPS_SCALE"
+    WEIGHTS = "ENCODER_WEIGHTS"
     OUTPUT_FOLDER = "OUTPUT_FOLDER"
     MODEL = "MODEL"
     REPORT = "REPORT"
@@ -65,6 +67,9 @@ class TrainAlgorithm(RoadAlgorithm):
             "without a width field.<br>"
             "<b>Preset</b>: tiny (seconds, for trying it out), cpu (a 2-core machine), gpu (the paper's "
             "networks).<br>"
+            "<b>Encoder weights</b> (optional): imagenet (the presets' choice: downloaded, or from the local "
+            "cache), none, a weights file, or a folder with one file per encoder (resnet34.pth, "
+            "mobilenet_v2.pth...).<br>"
             "<b>Output folder</b> must be new or empty. Cancel stops the backend after a checkpoint: "
             "continue with <tt>road-sslkd train --resume FOLDER</tt>.<br>"
             "Needs the backend (dock: Set up backend)."
@@ -103,6 +108,10 @@ class TrainAlgorithm(RoadAlgorithm):
                 minValue=0.01,
             )
         )
+        self.addParameter(
+            QgsProcessingParameterString(self.WEIGHTS, "Encoder weights (imagenet, none, a file or a folder)",
+                                         optional=True)
+        )
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT_FOLDER, "Run folder"))
         self.addOutput(QgsProcessingOutputFile(self.MODEL, "Student model (ONNX)"))
         self.addOutput(QgsProcessingOutputFile(self.REPORT, "Report (Markdown)"))
@@ -133,6 +142,7 @@ class TrainAlgorithm(RoadAlgorithm):
             preset=PRESETS[self.parameterAsEnum(parameters, self.PRESET, context)],
             label_width=width,
             steps_scale=self.parameterAsDouble(parameters, self.STEPS_SCALE, context),
+            weights=self.parameterAsString(parameters, self.WEIGHTS, context).strip() or None,
         )
         last_stage = [""]
 

@@ -412,7 +412,9 @@ class RoadSSLKDDock(QgsDockWidget):
         self.weights.setEditable(True)
         for text, data in (("backend default", ""), ("imagenet", "imagenet"), ("none", "none")):
             self.weights.addItem(text, data)
-        self.weights.setToolTip("Encoder weights: imagenet (downloaded when possible), none, or a local file path")
+        self.weights.setToolTip(
+            "Encoder weights: imagenet (downloaded, or from the local cache), none, a local file, or a folder "
+            "with one file per encoder (resnet34.pth, mobilenet_v2.pth...)")
         self.weights.currentTextChanged.connect(self._schedule_save)
         form.addRow("Encoder weights", self.weights)
         self.bands = QLineEdit(self.advanced)

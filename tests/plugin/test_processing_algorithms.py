@@ -195,6 +195,14 @@ def test_train_checks_its_inputs(processing, data, tmp_path):
             {"LABELLED_IMAGES": [str(data["raster"]), str(data["one_band"])], "LABELS": [str(data["one_band"])],
              "PRESET": 0, "OUTPUT_FOLDER": str(tmp_path / "run")},
         )  # fmt: skip
+    # The backend's own check: weights that are not there stop the run before it writes anything.
+    with pytest.raises(QgsProcessingException, match="weights file or folder not found"):
+        processing.run(
+            "road_sslkd:train",
+            {"LABELLED_IMAGES": [str(data["raster"])], "LABELS": [str(data["one_band"])], "PRESET": 0,
+             "ENCODER_WEIGHTS": str(tmp_path / "no-weights"), "OUTPUT_FOLDER": str(tmp_path / "run")},
+        )  # fmt: skip
+    assert not (tmp_path / "run").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "config.json").write_text("{}")
     with pytest.raises(QgsProcessingException, match="is not empty"):

@@ -21,7 +21,7 @@ class Config:
     teacher_a: str = "unet-resnet34"
     teacher_b: str = "linknet-resnet34"
     student: str = "linknet-mobilenet_v2"
-    weights: str = "imagenet"  # "imagenet", "none" or a local state-dict file
+    weights: str = "imagenet"  # "imagenet", "none", a state-dict file or a folder of <encoder>.pth (models.py)
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
     label_width: float = 6.0  # road width in map units when labels are vector lines
     crop: int = 128

@@ -8,14 +8,19 @@ aligns.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from . import events
@@ -123,47 +128,105 @@ class SegModel(nn.Module):
 @lru_cache(maxsize=1)
 def _hub_reachable() -> bool:
     # One quick probe instead of the hub client's minute of retries on machines without network.
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"  # HF_ENDPOINT names a mirror
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=3):
+        with socket.create_connection((host, 443), timeout=3):
             return True
     except OSError:
         return False
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
 def build_model(name: str, in_channels: int = 3, weights: str = "imagenet") -> SegModel:
-    """Build a registered model; ``weights`` is "imagenet", "none" or a local state-dict file."""
+    """Build a registered model. ``weights``: "imagenet" (downloaded, or offline from the local Hugging Face
+    cache), "none", a state-dict file, or a folder with one file per encoder (``resnet34.pth``,
+    ``mobilenet_v2.safetensors``...): a pipeline's teachers and student have different encoders."""
     if name not in REGISTRY:
         raise UserError(f"unknown architecture '{name}'", f"choose one of: {', '.join(sorted(REGISTRY))}")
     arch = REGISTRY[name]
-    encoder_weights = None
-    if weights == "imagenet":
-        if _hub_reachable():
-            encoder_weights = "imagenet"
-        else:
+    if weights == "imagenet" and _hub_reachable():
+        return SegModel(arch.build(in_channels, "imagenet"), name)
+    path = None if weights == "none" else weights_file(arch.encoder, weights)
+    if path is None:
+        if weights == "imagenet":
             events.warning(
-                f"{name}: ImageNet weights cannot be downloaded here (no network); training from random "
-                "initialisation. Pass a local weights file (weights setting) for better results."
-            )
-    model = SegModel(arch.build(in_channels, encoder_weights), name)
-    if weights not in ("imagenet", "none"):
-        load_weights(model, Path(weights))
+                f"{name}: ImageNet weights cannot be downloaded here (no network) and are not in the local "
+                "Hugging Face cache; training from random initialisation. Pass a local weights file or folder "
+                f"(weights setting, e.g. a folder with {arch.encoder}.pth) for better results.")
+        elif weights != "none":
+            events.warning(f"{name}: no {arch.encoder}{{{','.join(WEIGHT_SUFFIXES)}}} in {weights}; training "
+                           "its encoder from random initialisation")
+        return SegModel(arch.build(in_channels, None), name)
+    state = _read_state(path)
+    whole = any(k.startswith(("encoder.", "net.")) for k in state)  # a whole model, not an encoder
+    # Encoder weights are RGB: load them into a three-band encoder, then widen its first convolution to the
+    # run's bands the way smp adapts its own pretrained encoders.
+    model = SegModel(arch.build(in_channels if whole else 3, None), name)
+    _load_state(model, state, path, whole)
+    if not whole:
+        model.net.encoder.set_in_channels(in_channels, pretrained=True)
     return model
 
 
-def load_weights(model: SegModel, path: Path) -> None:
-    """Load a full model or an encoder state dict; channels that do not fit are reported, not ignored."""
+def weights_file(encoder: str, weights: str) -> Optional[Path]:
+    """The local file holding ``encoder``'s weights for a ``weights`` setting other than "none", or None."""
+    if weights == "imagenet":
+        settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
+        if settings is None:
+            return None
+        if "url" in settings:  # smp before 0.5 downloaded through torch.hub
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(settings["url"]).path).name
+            return cached if cached.is_file() else None
+        found = try_to_load_from_cache(settings["repo_id"], "model.safetensors", revision=settings.get("revision"))
+        return Path(found) if isinstance(found, str) else None
+    path = Path(weights)
+    if path.is_dir():  # <encoder>.pth, or torchvision's <encoder>-<hash>.pth: its hub cache folder serves as is
+        named = [path / f"{encoder}{s}" for s in WEIGHT_SUFFIXES] + sorted(path.glob(f"{encoder}-*.pth"))
+        return next((p for p in named if p.is_file()), None)
     if not path.is_file():
-        raise UserError(f"weights file not found: {path}", "give a .pt/.pth state dict or use weights 'imagenet'")
-    state: Any = torch.load(path, map_location="cpu", weights_only=True)
+        raise UserError(f"weights file or folder not found: {path}",
+                        "give 'imagenet', 'none', a state-dict file or a folder of <encoder>.pth files")
+    return path
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            state: Any = load_safetensors(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file: pickle, zip and safetensors errors differ
+        raise UserError(f"cannot read weights {path}: {exc}",
+                        "give a torch state dict (.pth/.pt) or a .safetensors file") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    target = model.net.encoder if not any(k.startswith(("encoder.", "net.")) for k in state) else model.net
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds no state dict", "save one with torch.save(model.state_dict(), path)")
+    return state
+
+
+def _load_state(model: SegModel, state: dict[str, torch.Tensor], path: Path, whole: bool) -> None:
+    """Load an encoder's or a whole model's tensors; what does not fit is reported, not ignored."""
+    target = model.net if whole else model.net.encoder
+    encoder = REGISTRY[model.name].encoder
+    hint = (f"give {model.name} a file for its {encoder} encoder, or a folder with one file per encoder "
+            f"({encoder}.pth for this model)")
     state = {k.removeprefix("net."): v for k, v in state.items()}
-    result = target.load_state_dict(state, strict=False)
-    if len(result.missing_keys) == len(target.state_dict()):
-        raise UserError(f"no tensor of {path} matches {model.name}", "check that the file is for this encoder")
-    if result.missing_keys:
-        events.warning(f"{path.name}: {len(result.missing_keys)} tensors of {model.name} not in the file")
+    expected = set(target.state_dict())
+    if not expected & set(state):
+        raise UserError(f"no tensor of {path} fits {model.name}", hint)
+    try:
+        # smp's encoders drop their classifier's tensors here and return nothing: what is missing is counted below
+        target.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors with the right names and the wrong shapes
+        raise UserError(f"{path.name} does not fit {model.name}: {str(exc).splitlines()[-1].strip()}", hint) from exc
+    missing = {k for k in expected - set(state) if not k.endswith("num_batches_tracked")}  # older torch files
+    if missing:
+        events.warning(f"{path.name}: {len(missing)} tensors of {model.name} not in the file")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -25,7 +25,7 @@ from .config import SSLKD_TEACHERS, Config, make_config
 from .data import DatasetSpec, LabelledSet
 from .evaluate import evaluate_model, onnx_throughput
 from .export import export_int8, export_run_model
-from .models import count_parameters, gflops
+from .models import build_model, count_parameters, gflops
 from .plots import PRAccumulator
 from .runs import RunDir, install_stop_handlers, stop_requested
 from .targets import decision_threshold
@@ -71,6 +71,7 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
     if unknown:
         raise events.UserError(f"unknown stage(s): {', '.join(unknown)}", f"stages: {', '.join(STAGE_NAMES)}")
+    check_weights(cfg)  # also for resumed runs and the benchmark's
     device = pick_device(device_name)
     if not run.dataset.unlabelled and any(s in ("teachers_ssl", "student_ssl", "student_sslkd") for s in cfg.stages):
         events.warning("no unlabelled rasters given: the labelled images serve as the unlabelled pool")
@@ -118,6 +119,18 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     events.artifact("report", run.path / "report.md")
     distributed.barrier()
     return metrics
+
+
+def check_weights(cfg: Config) -> None:
+    """A weights file that does not fit a model of the run fails now, not after the stages before it."""
+    if cfg.weights in ("imagenet", "none") or Path(cfg.weights).is_dir():
+        return  # the hub, its cache and a folder fall back to random initialisation per model, with a warning
+    archs = {arch for stage, arch in (("teacher_a", cfg.teacher_a), ("teacher_b", cfg.teacher_b))
+             if stage in cfg.stages}
+    if any(stage.startswith("student") for stage in cfg.stages):
+        archs.add(cfg.student)
+    for arch in sorted(archs):
+        build_model(arch, len(cfg.bands), cfg.weights)
 
 
 def _described(run: RunDir, name: str, tested: bool) -> bool:
@@ -218,14 +231,18 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--bands", help="1-based bands to use, e.g. 1,2,3")
     p.add_argument("--label-width", type=float, help="road width in map units for vector labels")
-    p.add_argument("--weights", help="'imagenet', 'none' or a local encoder weights file")
+    p.add_argument("--weights", help="'imagenet', 'none', a local weights file, or a folder with one file "
+                   "per encoder (resnet34.pth, mobilenet_v2.pth...)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
 def config_from_args(args: argparse.Namespace, **extra: object) -> Config:
     bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    weights = args.weights
+    if weights not in (None, "imagenet", "none"):
+        weights = str(Path(weights).resolve())  # the run folder keeps it: a resume may start elsewhere
     return make_config(args.preset, args.config, steps_scale=args.steps_scale, seed=args.seed, bands=bands,
-                       label_width=args.label_width, weights=args.weights, **extra)
+                       label_width=args.label_width, weights=weights, **extra)
 
 
 def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
@@ -261,7 +278,8 @@ def _run(args: argparse.Namespace) -> None:
         if not spec.labelled:
             raise events.UserError("no labelled data", "pass --labelled IMAGE:LABEL ... or --data DIR")
         cfg = config_from_args(args, stages=stages)
-        # Open every raster before anything is written, so bad input leaves no run folder behind.
+        # Open every raster and weights file before anything is written: bad input leaves no run folder behind.
+        check_weights(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             probe = RunDir(Path(tmp), cfg, spec, None)
             build_context(probe, pick_device(args.device))

@@ -1,0 +1,89 @@
+"""Pretrained encoder weights without a network: a folder of one file per encoder, the local Hugging Face
+cache for "imagenet", and files that do not fit, which fail before anything is written."""
+
+import json
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+from huggingface_hub import constants as hf_constants
+from safetensors.torch import save_file
+
+from conftest import errors
+from road_sslkd import models
+from road_sslkd.events import UserError
+from road_sslkd.models import build_model
+
+
+def _encoder_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in build_model(arch, weights="none").net.encoder.state_dict().items()}
+
+
+def _same(model: models.SegModel, state: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> bool:
+    own = model.net.encoder.state_dict()
+    return all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith(skip))
+
+
+def test_folder_gives_each_model_its_encoder(tmp_path, capsys):
+    state = _encoder_state("tiny-unet", seed=1)
+    torch.save(state, tmp_path / "resnet18.pth")  # the teachers' encoder; none for the student's mobilenet_v2
+
+    teacher = build_model("tiny-unet", weights=str(tmp_path))
+    assert _same(teacher, state)
+    assert not _same(build_model("tiny-unet", weights="none"), state)
+
+    student = build_model("tiny-student", weights=str(tmp_path))
+    assert student.net.encoder.state_dict()  # built, from random initialisation
+    warning = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"warning"' in line]
+    assert any("mobilenet_v2" in w["message"] and "random initialisation" in w["message"] for w in warning)
+
+    # torchvision's own cache names its files <encoder>-<hash>.pth: that folder serves as it is
+    student_state = _encoder_state("tiny-student", seed=5)
+    torch.save(student_state, tmp_path / "mobilenet_v2-0123abcd.pth")
+    assert _same(build_model("tiny-student", weights=str(tmp_path)), student_state)
+
+
+def test_rgb_weights_widen_to_more_bands(tmp_path):
+    state = _encoder_state("tiny-unet", seed=2)
+    torch.save(state, tmp_path / "rgb.pth")
+    model = build_model("tiny-unet", in_channels=4, weights=str(tmp_path / "rgb.pth"))
+    conv = model.net.encoder.conv1.weight
+    assert conv.shape[1] == 4
+    assert _same(model, state, skip=("conv1.",))
+    out = model.eval()(torch.zeros(1, 4, 64, 64))
+    assert out.shape == (1, 1, 64, 64)
+
+
+def test_imagenet_offline_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    settings = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    if "repo_id" not in settings:
+        pytest.skip("this segmentation-models-pytorch downloads through torch.hub, not the Hugging Face hub")
+    snapshot = (tmp_path / f"models--{settings['repo_id'].replace('/', '--')}" / "snapshots"
+                / settings["revision"])
+    snapshot.mkdir(parents=True)
+    state = _encoder_state("tiny-unet", seed=3)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network, whatever this one has
+    models._hub_reachable.cache_clear()
+    try:
+        assert _same(build_model("tiny-unet", weights="imagenet"), state)
+    finally:
+        models._hub_reachable.cache_clear()
+
+
+def test_missing_weights_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        build_model("tiny-unet", weights=str(tmp_path / "nope.pth"))
+
+
+def test_file_that_fits_no_model_fails_before_any_stage(run_main, tmp_path, tiny_dataset):
+    torch.save(_encoder_state("tiny-unet", seed=4), tmp_path / "resnet18.pth")  # not the student's encoder
+    out = tmp_path / "run"
+    code, events = run_main("train", "--preset", "tiny", "--data", str(tiny_dataset), "--out", str(out),
+                            "--weights", str(tmp_path / "resnet18.pth"))
+    assert code == 2
+    (error,) = errors(events)
+    assert "tiny-student" in error["message"] and "folder" in error["hint"]
+    assert not out.exists(), "a failed start must not leave a run folder"
