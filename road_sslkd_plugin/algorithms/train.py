@@ -11,13 +11,16 @@ import os
 from typing import Any, Optional
 
 from qgis.core import (
+    Qgis,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingOutputFile,
     QgsProcessingOutputString,
+    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterFile,
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
@@ -38,6 +41,22 @@ def _file_path(layer: Any) -> str:
     return path
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _advanced(parameter: QgsProcessingParameterDefinition) -> QgsProcessingParameterDefinition:
+    """Shown under Advanced Parameters (the flag moved to ``Qgis.ProcessingParameterFlag`` in QGIS 3.36)."""
+    scoped = getattr(Qgis, "ProcessingParameterFlag", None)
+    flag = scoped.Advanced if scoped is not None else QgsProcessingParameterDefinition.Flag.FlagAdvanced
+    parameter.setFlags(parameter.flags() | flag)
+    return parameter
+
+
+def _given(parameters: dict, name: str) -> bool:
+    """Whether an optional number was set (Processing passes None or "" for an empty one)."""
+    return parameters.get(name) not in (None, "")
+
+
 class TrainAlgorithm(RoadAlgorithm):
     IMAGES = "LABELLED_IMAGES"
     LABELS = "LABELS"
@@ -46,6 +65,10 @@ class TrainAlgorithm(RoadAlgorithm):
     LABEL_WIDTH = "LABEL_WIDTH"
     STEPS_SCALE = "STEPS_SCALE"
     WEIGHTS = "ENCODER_WEIGHTS"
+    SEED = "SEED"
+    BANDS = "BANDS"
+    DEVICE = "DEVICE"
+    CONFIG = "CONFIG"
     OUTPUT_FOLDER = "OUTPUT_FOLDER"
     MODEL = "MODEL"
     REPORT = "REPORT"
@@ -70,6 +93,8 @@ class TrainAlgorithm(RoadAlgorithm):
             "<b>Encoder weights</b> (optional): imagenet (the presets' choice: downloaded, or from the local "
             "cache), none, a weights file, or a folder with one file per encoder (resnet34.pth, "
             "mobilenet_v2.pth...).<br>"
+            "<b>Advanced</b>: random seed, bands, device (cuda for a GPU) and a JSON settings file "
+            "overriding any preset setting (README, 'The command line').<br>"
             "<b>Output folder</b> must be new or empty. Cancel stops the backend after a checkpoint: "
             "continue with <tt>road-sslkd train --resume FOLDER</tt>.<br>"
             "Needs the backend (dock: Set up backend)."
@@ -112,6 +137,15 @@ class TrainAlgorithm(RoadAlgorithm):
             QgsProcessingParameterString(self.WEIGHTS, "Encoder weights (imagenet, none, a file or a folder)",
                                          optional=True)
         )
+        for parameter in (
+            QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Type.Integer,
+                                         optional=True, minValue=0),
+            QgsProcessingParameterString(self.BANDS, "Bands (1-based, e.g. 1,2,3; empty: all)", optional=True),
+            QgsProcessingParameterEnum(self.DEVICE, "Device", list(DEVICES), defaultValue=0),
+            QgsProcessingParameterFile(self.CONFIG, "Settings file (JSON, overrides the preset)", optional=True,
+                                       extension="json"),
+        ):
+            self.addParameter(_advanced(parameter))
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT_FOLDER, "Run folder"))
         self.addOutput(QgsProcessingOutputFile(self.MODEL, "Student model (ONNX)"))
         self.addOutput(QgsProcessingOutputFile(self.REPORT, "Report (Markdown)"))
@@ -132,17 +166,19 @@ class TrainAlgorithm(RoadAlgorithm):
         run_dir = self.parameterAsString(parameters, self.OUTPUT_FOLDER, context)
         if os.path.isdir(run_dir) and any(os.scandir(run_dir)):
             raise QgsProcessingException(f"The run folder {run_dir} is not empty: choose a new folder")
-        width = None
-        if parameters.get(self.LABEL_WIDTH) not in (None, ""):
-            width = self.parameterAsDouble(parameters, self.LABEL_WIDTH, context)
         request = TrainRequest(
             run_dir=run_dir,
             labelled=[(_file_path(i), _file_path(label)) for i, label in zip(images, labels)],
             unlabelled=[_file_path(layer) for layer in unlabelled],
             preset=PRESETS[self.parameterAsEnum(parameters, self.PRESET, context)],
-            label_width=width,
+            label_width=self.parameterAsDouble(parameters, self.LABEL_WIDTH, context)
+            if _given(parameters, self.LABEL_WIDTH) else None,
             steps_scale=self.parameterAsDouble(parameters, self.STEPS_SCALE, context),
             weights=self.parameterAsString(parameters, self.WEIGHTS, context).strip() or None,
+            seed=self.parameterAsInt(parameters, self.SEED, context) if _given(parameters, self.SEED) else None,
+            bands=self.parameterAsString(parameters, self.BANDS, context).strip() or None,
+            device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+            config=self.parameterAsFile(parameters, self.CONFIG, context) or None,
         )
         last_stage = [""]
 

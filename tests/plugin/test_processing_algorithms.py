@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from osgeo import gdal
-from qgis.core import QgsApplication, QgsProcessingException, QgsProject, QgsRasterLayer
+from qgis.core import (
+    QgsApplication,
+    QgsProcessingException,
+    QgsProcessingParameterDefinition,
+    QgsProject,
+    QgsRasterLayer,
+)
 from segment_data import expected_probability, make_model, make_raster
 
 from conftest import REPO, needs_backend
@@ -138,6 +144,10 @@ def test_algorithms_have_help_and_icons(processing):
         algorithm = registry.algorithmById(algorithm_id)
         assert algorithm is not None, algorithm_id
         assert len(algorithm.shortHelpString()) > 100 and not algorithm.icon().isNull()
+    train = registry.algorithmById("road_sslkd:train")
+    advanced = {p.name() for p in train.parameterDefinitions()
+                if int(p.flags()) & int(QgsProcessingParameterDefinition.Flag.FlagAdvanced)}
+    assert advanced == {"SEED", "BANDS", "DEVICE", "CONFIG"}
 
 
 def _plugin_folder(tmp_path: Path) -> Path:
@@ -225,12 +235,17 @@ def test_train_runs_the_backend_and_returns_the_student(processing, demo_dir, tm
     feedback = QgsProcessingFeedback()
     feedback.progressChanged.connect(progress.append)
     run_dir = tmp_path / "run"
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"val_every": 2}))
     result = processing.run(
         "road_sslkd:train",
         {"LABELLED_IMAGES": images, "LABELS": labels, "UNLABELLED": [str(demo_dir / p) for p in split["unlabelled"]],
-         "PRESET": 0, "STEPS_SCALE": 0.3, "OUTPUT_FOLDER": str(run_dir)},
+         "PRESET": 0, "STEPS_SCALE": 0.3, "SEED": 7, "BANDS": "1,2,3", "DEVICE": 1, "CONFIG": str(settings),
+         "OUTPUT_FOLDER": str(run_dir)},
         feedback=feedback,
     )  # fmt: skip
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert (config["seed"], config["bands"], config["val_every"]) == (7, [1, 2, 3], 2)  # the advanced parameters
     assert Path(result["MODEL"]).is_file() and result["MODEL"].endswith(".onnx")
     assert Path(result["REPORT"]).is_file()
     assert "student_sslkd" in json.loads(result["METRICS"]).get("models", json.loads(result["METRICS"]))
