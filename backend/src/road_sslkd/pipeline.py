@@ -241,8 +241,10 @@ def config_from_args(args: argparse.Namespace, **extra: object) -> Config:
     weights = args.weights
     if weights not in (None, "imagenet", "none"):
         weights = str(Path(weights).resolve())  # the run folder keeps it: a resume may start elsewhere
-    return make_config(args.preset, args.config, steps_scale=args.steps_scale, seed=args.seed, bands=bands,
-                       label_width=args.label_width, weights=weights, **extra)
+    cfg = make_config(args.preset, args.config, steps_scale=args.steps_scale, seed=args.seed, bands=bands,
+                      label_width=args.label_width, weights=weights, **extra)
+    check_weights(cfg)  # before a run folder is written
+    return cfg
 
 
 def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
@@ -278,8 +280,7 @@ def _run(args: argparse.Namespace) -> None:
         if not spec.labelled:
             raise events.UserError("no labelled data", "pass --labelled IMAGE:LABEL ... or --data DIR")
         cfg = config_from_args(args, stages=stages)
-        # Open every raster and weights file before anything is written: bad input leaves no run folder behind.
-        check_weights(cfg)
+        # Open every raster before anything is written, so bad input leaves no run folder behind.
         with tempfile.TemporaryDirectory() as tmp:
             probe = RunDir(Path(tmp), cfg, spec, None)
             build_context(probe, pick_device(args.device))
