@@ -140,7 +140,7 @@ class TrainAlgorithm(RoadAlgorithm):
         for parameter in (
             QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Type.Integer,
                                          optional=True, minValue=0),
-            QgsProcessingParameterString(self.BANDS, "Bands (1-based, e.g. 1,2,3; empty: all)", optional=True),
+            QgsProcessingParameterString(self.BANDS, "Bands (1-based; empty: 1,2,3)", optional=True),
             QgsProcessingParameterEnum(self.DEVICE, "Device", list(DEVICES), defaultValue=0),
             QgsProcessingParameterFile(self.CONFIG, "Settings file (JSON, overrides the preset)", optional=True,
                                        extension="json"),

@@ -261,38 +261,28 @@ def parse_bands(text: str) -> list[int]:
     return bands
 
 
+DEFAULT_BANDS = [1, 2, 3]  # what the backend reads when Bands is empty (its Config.bands)
+
+
 def band_problems(plan: RunPlan) -> list[str]:
-    """Images must share a band count (a mask ticked as unlabelled image is the usual slip), or have the
-    bands the Bands option names. Web layers are skipped: their band count is known after the export."""
+    """Every image must have the bands that training reads: those the Bands option names, else 1,2,3 (a mask
+    ticked as unlabelled image is the usual slip). Web layers are skipped: their band count is known after
+    the export."""
     try:
-        bands = parse_bands(plan.bands)
+        chosen = parse_bands(plan.bands)
     except ValueError:
         return [f"Bands '{plan.bands}' must be band numbers like 1,2,3."]
+    bands = chosen or DEFAULT_BANDS
     images = [("Labelled image", p.image) for p in plan.labelled] + [("Test image", p.image) for p in plan.test]
     images += [("Unlabelled image", layer) for layer in plan.unlabelled]
-    images = [
-        (what, layer)
+    asked = (f"Bands asks for band {max(bands)}." if chosen else
+             f"training reads bands {','.join(map(str, bands))} unless Bands says otherwise: untick it, or "
+             "choose the bands to use (Training, Advanced, Bands).")
+    return [
+        f"{what} '{layer.name()}' has {layer.bandCount()} band(s); {asked}"
         for what, layer in images
-        if _is_raster(layer) and layer.isValid() and describe(layer).export != "web"
+        if _is_raster(layer) and layer.isValid() and describe(layer).export != "web" and layer.bandCount() < max(bands)
     ]
-    if not images:
-        return []
-    problems = []
-    if bands:
-        for what, layer in images:
-            if layer.bandCount() < max(bands):
-                problems.append(
-                    f"{what} '{layer.name()}' has {layer.bandCount()} band(s); Bands asks for band {max(bands)}."
-                )
-        return problems
-    reference = images[0][1]
-    for what, layer in images[1:]:
-        if layer.bandCount() != reference.bandCount():
-            problems.append(
-                f"{what} '{layer.name()}' has {layer.bandCount()} band(s) but '{reference.name()}' has "
-                f"{reference.bandCount()}: untick it, or choose the bands to use (Training, Advanced, Bands)."
-            )
-    return problems
 
 
 def check_plan(plan: RunPlan) -> list[str]:

@@ -418,7 +418,7 @@ class RoadSSLKDDock(QgsDockWidget):
         self.weights.currentTextChanged.connect(self._schedule_save)
         form.addRow("Encoder weights", self.weights)
         self.bands = QLineEdit(self.advanced)
-        self.bands.setPlaceholderText("all bands (or e.g. 1,2,3)")
+        self.bands.setPlaceholderText("1,2,3 (or e.g. 4,3,2, or 1 for one band)")
         self.bands.textChanged.connect(self._schedule_save)
         form.addRow("Bands", self.bands)
         self.extra_args = QLineEdit(self.advanced)

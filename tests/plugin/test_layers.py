@@ -182,12 +182,12 @@ def test_web_layer_export_needs_the_map_view(scene, tmp_path):
         to_request(plan, str(tmp_path / "inputs"))
 
 
-def test_band_counts_must_match(scene, tmp_path):
+def test_images_need_the_bands_training_reads(scene, tmp_path):
     plan = plan_for(tmp_path, [Pair(scene["image"], scene["mask"])], unlabelled=[scene["mask"]])
     problems = check_plan(plan)
     assert problems == [
-        "Unlabelled image 'mask' has 1 band(s) but 'image' has 3: untick it, or choose the bands to use "
-        "(Training, Advanced, Bands)."
+        "Unlabelled image 'mask' has 1 band(s); training reads bands 1,2,3 unless Bands says otherwise: untick "
+        "it, or choose the bands to use (Training, Advanced, Bands)."
     ]
     plan.bands = "1"
     assert check_plan(plan) == []
