@@ -83,19 +83,20 @@ class TrainAlgorithm(RoadAlgorithm):
     def shortHelpString(self) -> str:  # noqa: N802
         return (
             "Trains two teachers on the labelled images, lets them teach each other on the unlabelled images "
-            "(cross-model pseudo-labels), distils them into a small student and exports it as ONNX "
+            "(cross-model pseudo-labels), distils them (teacher B alone in the tiny and cpu presets) into a "
+            "small student and exports it as ONNX "
             "(semi-supervised knowledge distillation).<br><br>"
             "<b>Labelled images</b> and <b>Labels</b> are paired in order: a mask raster (road &gt; 0) or a "
-            "vector layer of road lines/polygons per image. <b>Label width</b> buffers road lines (map units) "
-            "without a width field.<br>"
-            "<b>Preset</b>: tiny (seconds, for trying it out), cpu (a 2-core machine), gpu (the paper's "
+            "vector layer of road lines/polygons per image. <b>Label width</b> buffers road lines "
+            "without a width field (in the units of the image's CRS).<br>"
+            "<b>Preset</b>: tiny (a few minutes, for trying it out), cpu (a 2-core machine), gpu (the paper's "
             "networks).<br>"
-            "<b>Encoder weights</b> (optional): imagenet (the presets' choice: downloaded, or from the local "
-            "cache), none, a weights file, or a folder with one file per encoder (resnet34.pth, "
-            "mobilenet_v2.pth...).<br>"
+            "<b>Encoder weights</b> (optional): imagenet (the cpu and gpu presets' choice: downloaded, or "
+            "from the local cache), none, a weights file, or a folder with one file per encoder "
+            "(resnet34.pth, mobilenet_v2.pth...).<br>"
             "<b>Advanced</b>: random seed, bands, device (cuda for a GPU) and a JSON settings file "
             "overriding any preset setting (README, 'The command line').<br>"
-            "<b>Output folder</b> must be new or empty. Cancel stops the backend after a checkpoint: "
+            "<b>Run folder</b> must be new or empty. Cancel stops the backend after a checkpoint: "
             "continue with <tt>road-sslkd train --resume FOLDER</tt>.<br>"
             "Needs the backend (dock: Set up backend)."
         )
@@ -118,7 +119,7 @@ class TrainAlgorithm(RoadAlgorithm):
         self.addParameter(
             QgsProcessingParameterNumber(
                 self.LABEL_WIDTH,
-                "Road width for line labels (map units)",
+                "Road width for line labels (units of the image's CRS)",
                 QgsProcessingParameterNumber.Type.Double,
                 optional=True,
                 minValue=0.0,

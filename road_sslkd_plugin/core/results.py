@@ -25,8 +25,8 @@ MODEL_HELP = {
     "teacher_b_ssl": "Teacher B after cross-model semi-supervised training with teacher A on unlabelled data",
     "student_supervised": "Baseline: the small student trained on the labelled data only",
     "student_ssl": "Baseline: the small student with a traditional semi-supervised method",
-    "student_kd": "Baseline: the student distilled from the teachers without unlabelled data",
-    "student_sslkd": "The student distilled from both teachers on all the data: the exported model",
+    "student_kd": "Baseline: the student distilled from the supervised teacher(s) without unlabelled data",
+    "student_sslkd": "The student distilled from the cross-model teacher(s) on all the data: the exported model",
 }
 STUDENT = "student_sslkd"
 BASELINE_STAGES = ("student_supervised", "student_ssl", "student_kd")

@@ -299,7 +299,8 @@ class RoadSSLKDDock(QgsDockWidget):
         self.label_width.setDecimals(2)
         self.label_width.setValue(6.0)
         self.label_width.setClearValue(6.0)
-        self.label_width.setToolTip("Lines are buffered to this full width (map units of the label layer)")
+        self.label_width.setToolTip(
+            "Lines are buffered to this full width, in the units of the image's CRS (metres for a projected CRS)")
         self.label_width.valueChanged.connect(self._schedule_save)
         width_row.addWidget(self.width_label, 1)
         width_row.addWidget(self.label_width)
@@ -972,7 +973,12 @@ class RoadSSLKDDock(QgsDockWidget):
                 return
             if event.get("step") is None:  # a final number of a model (test IoU, speed), not a curve point
                 model = model_label(str(event.get("stage") or ""))
-                shown = f"{value:.2f}" if name == "mpx_per_s" else f"{100 * value:.1f} %"
+                if name.startswith("mpx_per_s"):  # ONNX throughput (fp32 and INT8), the others are fractions
+                    shown = f"{value:.2f} Mpx/s"
+                elif name == "threshold":
+                    shown = f"{value:.3f}"
+                else:
+                    shown = f"{100 * value:.1f} %"
                 self.log_line(f"{model}: {name.replace('_', ' ')} = {shown}", "metric")
                 return
             self.chart.add_metric(name, float(value), event.get("stage"), event.get("step"))

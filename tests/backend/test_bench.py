@@ -2,6 +2,8 @@
 
 import json
 
+from conftest import errors
+
 REQUIRED = {"iou", "iou_std", "f1", "precision", "recall", "relaxed_f1", "params", "gflops", "mpx_per_s",
             "setup_seconds", "train_seconds"}
 MODELS = {"student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
@@ -67,3 +69,9 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     assert code == 0
     evaluated = [e["model"] for e in events if e["event"] == "progress" and e["stage"] == "evaluate" and e["step"] == 0]
     assert evaluated == ["student_sslkd"]
+
+
+def test_bench_takes_seeds_not_seed(run_main, tiny_dataset, tmp_path):
+    code, events = run_main("bench", "--data", str(tiny_dataset), "--seed", "3", "--out", str(tmp_path / "report"))
+    assert code == 2 and errors(events)[0]["hint"] == "pass --seeds 3"
+    assert not (tmp_path / "report").exists()

@@ -167,6 +167,17 @@ def test_cross_model_stage_learning_rate_scale(tiny_run, tiny_dataset, run_main,
     assert moved(default, "teacher_a") and moved(default, "teacher_b")
 
 
+def test_a_baseline_added_later_leaves_the_runs_student(tiny_run, run_main, tmp_path):
+    """`--resume RUN --stages student_supervised` trains the baseline; student.onnx stays the SSLKD student."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    code, events = run_main("train", "--resume", str(run), "--stages", "student_supervised")
+    assert code == 0, errors(events)
+    assert (run / "models" / "student_supervised.pt").is_file()
+    session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["road_sslkd_model"] == "student_sslkd"
+
+
 def test_a_run_written_before_a_setting_keeps_its_earlier_behaviour(tiny_run, tmp_path):
     stored = json.loads((tiny_run[0] / "config.json").read_text())
     assert stored["config"].pop("teacher_tta") is True  # today's defaults

@@ -259,6 +259,9 @@ def test_chart_takes_metric_events(make_dock, tmp_path):
     assert [x for x, _ in chart.series["loss"]] == [1, 2, 3, 5]  # teacher_b starts after teacher_a
     assert [stage for _, stage in chart.stage_starts] == ["teacher_a", "teacher_b"]
     assert "test_iou" not in chart.series and "Teacher A: test iou = 50.0 %" in dock.log.toPlainText()
+    dock.on_event({"event": "metric", "name": "mpx_per_s_int8", "value": 3.524, "stage": "student_sslkd", "step": None})
+    dock.on_event({"event": "metric", "name": "threshold", "value": 0.5, "stage": "student_sslkd", "step": None})
+    assert "mpx per s int8 = 3.52 Mpx/s" in dock.log.toPlainText() and "threshold = 0.500" in dock.log.toPlainText()
     dock.on_event({"event": "progress", "stage": "teacher_b", "step": 2, "total": 8, "eta": 75})
     assert dock.progress.value() == 2 and dock.progress.maximum() == 8
     assert dock.eta_label.text() == "1 min 15 s left" and dock.status_label.text() == "Teacher B · step 2 of 8"

@@ -122,7 +122,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ablate", help="retrain the SSLKD student with one setting changed per variant")
     p.add_argument("source", type=Path, help="a finished run (e.g. a benchmark seed) with teacher_*_ssl")
     p.add_argument("--out", type=Path, required=True, help="folder for the variants' runs and ablation.md")
-    p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}".replace("%", "%%"))
     p.add_argument("--holdout", type=int, default=2, help="labelled images kept for validation")
     p.add_argument("--validate-on", choices=VALIDATE_ON, default="holdout",
                    help="holdout: the first --holdout labelled images; fold: the test pairs of a source trained "

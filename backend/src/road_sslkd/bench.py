@@ -264,6 +264,8 @@ def _run(args: argparse.Namespace) -> None:
     report_json = args.out / "report.json"
     if report_json.exists() and not args.overwrite:
         raise events.UserError(f"{report_json} exists", "pass --overwrite to replace the report")
+    if args.seed is not None:  # add_config_arguments offers it, but every benchmark seed comes from --seeds
+        raise events.UserError("bench takes its seeds from --seeds, not --seed", f"pass --seeds {args.seed}")
     cfg = config_from_args(args, stages=list(STAGE_NAMES))
     seeds = [int(s) for s in args.seeds.split(",")]
     dataset = args.data.resolve().name

@@ -1,9 +1,9 @@
 """`road-sslkd bench-training`: seconds per training step on this machine, float32 against mixed precision.
 
 One supervised optimiser step (forward, BCE + Dice, backward, AdamW) of the ``cpu`` preset's batch of crops,
-for its teachers and student, with the trainer's memory format (channels_last) and autocast
-(precision.amp_dtype), median of a few steps after a warm-up. Random weights and images: the cost of a step
-does not depend on them.
+for its teachers and student or the ``--models`` named (candidates outside the registry too), with the
+trainer's memory format (channels_last) and autocast (precision.amp_dtype), median of a few steps after a
+warm-up. Random weights and images: the cost of a step does not depend on them.
 """
 
 from __future__ import annotations
@@ -16,23 +16,41 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import segmentation_models_pytorch as smp
 import torch
 
 from . import events, precision
 from .bench import machine
 from .config import make_config
 from .losses import seg_loss
-from .models import build_model
+from .models import Architecture, SegModel, build_model, count_parameters
 
 CPU = make_config("cpu")
 
 
-def step_seconds(name: str, dtype: Optional[torch.dtype], batch: int, crop: int, steps: int = 5) -> float:
-    """Median seconds of one supervised step of ``name`` on the CPU in ``dtype`` (None: float32)."""
+def candidate(spec: str) -> SegModel:
+    """A registered model, or ``Family:encoder`` (any smp decoder class and encoder) for candidates that are
+    not in the registry, with random weights."""
+    if ":" not in spec:
+        return build_model(spec, 3, "none")
+    family, encoder = spec.split(":", 1)
+    if not hasattr(smp, family):
+        raise events.UserError(f"no smp architecture '{family}' in {spec}", "write e.g. Linknet:resnet18")
+    try:
+        return SegModel(Architecture(family, encoder, "candidate").build(3, None), spec)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise events.UserError(f"cannot build {spec}: {exc}", "name an encoder smp or timm (tu-...) knows") from exc
+
+
+def step_seconds(spec: str, dtype: Optional[torch.dtype], batch: int, crop: int, steps: int = 5,
+                 compiled: bool = False) -> float:
+    """Median seconds of one supervised step of ``spec`` (see ``candidate``) on the CPU in ``dtype`` (None:
+    float32); ``compiled`` runs it through torch.compile, whose compilation the warm-up steps absorb."""
     torch.manual_seed(0)
     device = torch.device("cpu")
-    model = build_model(name, 3, "none").train().to(memory_format=torch.channels_last)
+    model = candidate(spec).train().to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if compiled else model
     image = torch.randn(batch, 3, crop, crop).to(memory_format=torch.channels_last)
     label = (torch.rand(batch, crop, crop) > 0.8).float()
     valid = torch.ones_like(label, dtype=torch.bool)
@@ -40,7 +58,7 @@ def step_seconds(name: str, dtype: Optional[torch.dtype], batch: int, crop: int,
     for _ in range(steps + 2):  # the first two steps allocate and pick kernels
         start = time.perf_counter()
         with precision.autocast(device, dtype):
-            loss = seg_loss(model(image), label, valid)
+            loss = seg_loss(forward(image), label, valid)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -48,8 +66,8 @@ def step_seconds(name: str, dtype: Optional[torch.dtype], batch: int, crop: int,
     return statistics.median(times[2:])
 
 
-def report_markdown(rows: list[tuple[str, float, Optional[float]]], command: str, threads: int,
-                    dtype: Optional[torch.dtype]) -> str:
+def report_markdown(rows: list[tuple[str, int, float, Optional[float]]], command: str, threads: int,
+                    dtype: Optional[torch.dtype], compiled: bool = False) -> str:
     info = machine()
     mixed = str(dtype).removeprefix("torch.") if dtype else None
     lines = [
@@ -57,7 +75,8 @@ def report_markdown(rows: list[tuple[str, float, Optional[float]]], command: str
         "",
         f"{datetime.date.today().isoformat()}, {info['cpu']}, nproc {os.cpu_count()}, {threads} thread(s), "
         f"torch {info['torch']}. One supervised step of {CPU.batch} x {CPU.crop}² crops (the `cpu` preset's "
-        "batch), channels_last, median of 5 after 2 warm-up steps. Load average at the end: "
+        f"batch), channels_last{', torch.compile (its compilation in the warm-up)' if compiled else ''}, "
+        "median of 5 after 2 warm-up steps. Load average at the end: "
         f"{os.getloadavg()[0]:.1f}.",
         "",
         f"Mixed precision on this CPU: {mixed or 'none (no native bfloat16: training stays float32)'}.",
@@ -66,12 +85,12 @@ def report_markdown(rows: list[tuple[str, float, Optional[float]]], command: str
         "",
         f"    {command}",
         "",
-        f"| model | float32 s/step | {mixed or 'mixed'} s/step | speed-up |",
-        "|---|---:|---:|---:|",
+        f"| model | params (M) | float32 s/step | {mixed or 'mixed'} s/step | speed-up |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for name, fp32, low in rows:
-        lines.append(f"| {name} | {fp32:.3f} | {low:.3f} | {fp32 / low:.2f}x |" if low else
-                     f"| {name} | {fp32:.3f} | - | - |")
+    for name, params, fp32, low in rows:
+        lines.append(f"| {name} | {params / 1e6:.2f} | {fp32:.3f} | "
+                     + (f"{low:.3f} | {fp32 / low:.2f}x |" if low else "- | - |"))
     return "\n".join(lines) + "\n"
 
 
@@ -80,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="markdown file, e.g. docs/benchmarks/training_speed.md")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default: 1, as each seed of `bench --jobs` trains on one core)")
+    p.add_argument("--models", help="comma-separated registered models or smp Family:encoder candidates "
+                   "(e.g. Linknet:tu-regnetx_004); default: the cpu preset's teachers and student")
+    p.add_argument("--compile", action="store_true", help="run the steps through torch.compile")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.set_defaults(func=_run)
 
@@ -89,14 +111,16 @@ def _run(args: argparse.Namespace) -> None:
         raise events.UserError(f"{args.out} exists", "pass --overwrite to replace the report")
     torch.set_num_threads(args.threads)
     dtype = precision.amp_dtype(torch.device("cpu"))
-    names = [CPU.teacher_a, CPU.teacher_b, CPU.student]
+    names = args.models.split(",") if args.models else [CPU.teacher_a, CPU.teacher_b, CPU.student]
+    params = {name: count_parameters(candidate(name)) for name in names}  # a bad name fails before any timing
     rows = []
     for done, name in enumerate(names):
         events.progress("bench-training", done, len(names), model=name)
-        fp32 = step_seconds(name, None, CPU.batch, CPU.crop)
-        rows.append((name, fp32, step_seconds(name, dtype, CPU.batch, CPU.crop) if dtype else None))
+        fp32 = step_seconds(name, None, CPU.batch, CPU.crop, compiled=args.compile)
+        low = step_seconds(name, dtype, CPU.batch, CPU.crop, compiled=args.compile) if dtype else None
+        rows.append((name, params[name], fp32, low))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report_markdown(rows, args.command_line, args.threads, dtype))
+    args.out.write_text(report_markdown(rows, args.command_line, args.threads, dtype, args.compile))
     events.artifact("report", str(args.out))
     events.emit("done", report=str(args.out),
-                models={name: {"float32": fp32, "mixed": low} for name, fp32, low in rows})
+                models={name: {"float32": fp32, "mixed": low} for name, _, fp32, low in rows})

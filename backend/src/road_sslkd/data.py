@@ -215,7 +215,8 @@ def _rasterise_vector(path: Path, raster: Raster, width: float) -> np.ndarray:
         meta, _, wkb, field_data = pyogrio.raw.read(path)
     except Exception as exc:  # noqa: BLE001 - pyogrio raises many types for unreadable files
         raise UserError(f"cannot read vector labels {path}: {exc}", "give a GeoPackage, Shapefile or GeoJSON") from exc
-    # A per-feature width field (map units) wins over the run's default width.
+    # A per-feature width field wins over the run's default width; both are in the image CRS's units
+    # (the lines are buffered after reprojection).
     names = [str(n).lower() for n in meta.get("fields", [])]
     field = next((n for n in WIDTH_FIELDS if n in names), None)
     widths = field_data[names.index(field)] if field else [width] * len(wkb)

@@ -139,7 +139,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path, help="run folder (from road-sslkd train)")
     p.add_argument("--model", default="student_sslkd", help="model name in the run (default: student_sslkd)")
     p.add_argument("--out", type=Path, help="ONNX path (default: RUN/MODEL.onnx)")
-    p.add_argument("--int8", action="store_true", help="also write an INT8-quantised copy (MODEL.int8.onnx)")
+    p.add_argument("--int8", action="store_true", help="also write an INT8-quantised copy (OUT with .int8.onnx), "
+                   "kept only within 1 IoU point")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=_run)
 

@@ -101,7 +101,9 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     if not distributed.is_main():
         distributed.barrier()  # rank 0 alone exports and reports; the others end with it
         return run.metrics()
-    student = next((s for s in STUDENTS if s in cfg.stages), None)
+    # The best kind of student the run holds, not the first of this call's stages: a baseline trained later
+    # with --stages must not replace the SSLKD student as the run's student.onnx.
+    student = next((s for s in STUDENTS if run.has_model(s)), None)
     if student is not None and export:
         events.progress("export", 0, 1)
         onnx_path = export_run_model(run, student, run.path / "student.onnx", overwrite=True)
@@ -225,7 +227,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help="tiny (seconds, tests), cpu (2-core profile) or gpu (paper)")
+    p.add_argument("--preset", default="cpu", help="tiny (a few minutes, tests), cpu (2-core profile) or gpu (paper)")
     p.add_argument("--config", type=Path, help="JSON file overriding any setting")
     p.add_argument("--steps-scale", type=float, help="multiply every stage's steps (training length)")
     p.add_argument("--seed", type=int)
