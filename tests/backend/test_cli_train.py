@@ -171,11 +171,16 @@ def test_a_baseline_added_later_leaves_the_runs_student(tiny_run, run_main, tmp_
     """`--resume RUN --stages student_supervised` trains the baseline; student.onnx stays the SSLKD student."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)
-    code, events = run_main("train", "--resume", str(run), "--stages", "student_supervised")
+    code, events = run_main("train", "--resume", str(run), "--stages", "student_supervised", "--device", "cpu")
     assert code == 0, errors(events)
     assert (run / "models" / "student_supervised.pt").is_file()
     session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map["road_sslkd_model"] == "student_sslkd"
+    # the device given on resume stays the run's: the dock's Resume passes none
+    assert RunDir.open(run).config.device == "cpu"
+    code, events = run_main("train", "--resume", str(run))
+    assert code == 0, errors(events)
+    assert RunDir.open(run).config.device == "cpu"
 
 
 def test_a_run_written_before_a_setting_keeps_its_earlier_behaviour(tiny_run, tmp_path):

@@ -40,8 +40,19 @@ def test_feature_distill_accepts_bfloat16_features():
 
 def test_amp_dtype_off_means_float32():
     assert precision.amp_dtype(CPU, enabled=False) is None
-    # on the CPU, bfloat16 only where the instructions exist (emulated bfloat16 is slower than float32)
-    assert precision.amp_dtype(CPU) == (torch.bfloat16 if precision.cpu_has_native_bf16() else None)
+    # on the CPU, bfloat16 only where the instructions exist and the probe finds them faster
+    pays = precision.cpu_bf16_pays()
+    assert pays is False or precision.cpu_has_native_bf16()  # emulated bfloat16 is never chosen
+    assert precision.amp_dtype(CPU) == (torch.bfloat16 if pays else None)
+
+
+def test_the_bfloat16_probe_leaves_random_streams_alone():
+    precision.cpu_bf16_pays.cache_clear()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    precision.cpu_bf16_pays()
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_machine_names_the_instructions_that_set_speed():

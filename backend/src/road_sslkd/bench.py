@@ -272,7 +272,7 @@ def _run(args: argparse.Namespace) -> None:
     work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
     if args.jobs < 1:
         raise events.UserError(f"--jobs {args.jobs}", "give 1 or more processes")
-    models, first_run = run_bench(args.data, cfg, seeds, work, args.device, args.command_line, args.jobs)
+    models, first_run = run_bench(args.data, cfg, seeds, work, cfg.device, args.command_line, args.jobs)
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out)
     report = {

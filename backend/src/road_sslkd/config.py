@@ -77,8 +77,8 @@ class Config:
     log_every: int = 10
     checkpoint_every: int = 50
     seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # mixed precision on CUDA and on CPUs with native bfloat16 (precision.py); evaluation stays fp32
+    device: str = "auto"  # --device; a resumed run keeps the one it was given
+    amp: bool = True  # mixed precision on CUDA and on CPUs where bfloat16 pays (precision.py); evaluation stays fp32
 
     def stage_steps(self, kind: str) -> int:
         return max(1, round(self.steps[kind] * self.steps_scale))

@@ -235,7 +235,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-width", type=float, help="road width in map units for vector labels")
     p.add_argument("--weights", help="'imagenet', 'none', a local weights file, or a folder with one file "
                    "per encoder (resnet34.pth, mobilenet_v2.pth...)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", help="auto, cpu or cuda (default: auto; a resumed run keeps its own)")
 
 
 def config_from_args(args: argparse.Namespace, **extra: object) -> Config:
@@ -244,7 +244,7 @@ def config_from_args(args: argparse.Namespace, **extra: object) -> Config:
     if weights not in (None, "imagenet", "none"):
         weights = str(Path(weights).resolve())  # the run folder keeps it: a resume may start elsewhere
     cfg = make_config(args.preset, args.config, steps_scale=args.steps_scale, seed=args.seed, bands=bands,
-                      label_width=args.label_width, weights=weights, **extra)
+                      label_width=args.label_width, weights=weights, device=args.device, **extra)
     check_weights(cfg)  # before a run folder is written
     return cfg
 
@@ -268,12 +268,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     install_stop_handlers()
-    distributed.init(pick_device(args.device))  # under torchrun only
     stages = args.stages.split(",") if args.stages else None
     if args.resume:
         run = RunDir.open(args.resume)
-        if stages:
-            run.config.stages = stages
+        distributed.init(pick_device(args.device or run.config.device))  # under torchrun only
+        changed = {"stages": stages, "device": args.device}  # a run resumes on its own device unless told
+        if any(value is not None for value in changed.values()):
+            for key, value in changed.items():
+                if value is not None:
+                    setattr(run.config, key, value)
             run.save()
     else:
         if not args.out:
@@ -282,10 +285,11 @@ def _run(args: argparse.Namespace) -> None:
         if not spec.labelled:
             raise events.UserError("no labelled data", "pass --labelled IMAGE:LABEL ... or --data DIR")
         cfg = config_from_args(args, stages=stages)
+        distributed.init(pick_device(cfg.device))  # under torchrun only
         # Open every raster before anything is written, so bad input leaves no run folder behind.
         with tempfile.TemporaryDirectory() as tmp:
             probe = RunDir(Path(tmp), cfg, spec, None)
-            build_context(probe, pick_device(args.device))
+            build_context(probe, pick_device(cfg.device))
         if distributed.is_main():
             run = RunDir.create(args.out, cfg, spec)
             run.normalizer = probe.normalizer
@@ -293,7 +297,7 @@ def _run(args: argparse.Namespace) -> None:
         distributed.barrier()
         if not distributed.is_main():
             run = RunDir.open(args.out)
-    metrics = train(run, args.device, args.command_line)
+    metrics = train(run, run.config.device, args.command_line)
     int8 = run.path / "student.int8.onnx"
     events.emit("done", run_dir=str(run.path), student=str(run.path / "student.onnx"),
                 student_int8=str(int8) if int8.exists() else None, models=metrics["models"])

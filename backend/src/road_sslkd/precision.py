@@ -1,19 +1,24 @@
 """Mixed precision: which lower-precision dtype, if any, a device trains and caches teacher outputs in.
 
-CUDA uses bfloat16 where the GPU has it, else float16 (with a gradient scaler). CPUs with native bfloat16
-instructions (AVX512-BF16 or AMX) train the project's teachers 1.5-1.7x faster in bfloat16 through
-oneDNN (docs/benchmarks/training_speed.md); other CPUs would only emulate it, slower than float32, so they
-stay in float32. Evaluation and the exported ONNX models are always float32.
+CUDA uses bfloat16 where the GPU has it, else float16 (with a gradient scaler). On the CPU the instruction
+flags alone mislead: with AVX512-BF16, a 2-core AMD EPYC trained the project's teachers 1.5-1.7x faster in
+bfloat16 through oneDNN, a 2-core Intel Xeon (AVX512-BF16, no AMX exposed) 1.3-1.4x slower
+(docs/benchmarks/training_speed.md and training_speed_xeon.md). So a CPU with the instructions trains in
+bfloat16 only when a short probe finds it faster there (``cpu_bf16_pays``); CPUs without them would only
+emulate it and stay in float32. Evaluation and the exported ONNX models are always float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 
 @lru_cache(maxsize=1)
@@ -32,13 +37,42 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+BF16_MIN_GAIN = 1.15  # below this the two dtypes are within the probe's noise: stay in float32
+
+
+@lru_cache(maxsize=1)
+def cpu_bf16_pays() -> bool:
+    """Whether a bfloat16 training step beats float32 on this CPU by ``BF16_MIN_GAIN``: measured once per
+    process (about a second) on two ResNet-style 3x3 convolutions. On the Intel Xeon the probe's ratio,
+    0.7-0.9, was the networks' own."""
+    if not cpu_has_native_bf16():
+        return False
+    with torch.random.fork_rng(devices=[]):  # the probe's random weights must not shift a run's random streams
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                              nn.Conv2d(64, 64, 3, padding=1)).to(memory_format=torch.channels_last)
+        image = torch.randn(8, 64, 64, 64).to(memory_format=torch.channels_last)
+
+    def seconds(dtype: Optional[torch.dtype]) -> float:
+        times = []
+        for _ in range(6):  # the first two pick kernels
+            start = time.perf_counter()
+            with autocast(torch.device("cpu"), dtype):
+                out = block(image)
+            out.float().square().mean().backward()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[2:])
+
+    return seconds(None) >= BF16_MIN_GAIN * seconds(torch.bfloat16)
+
+
 def amp_dtype(device: torch.device, enabled: bool = True) -> Optional[torch.dtype]:
     """The autocast dtype for ``device``, or None to stay in float32."""
     if not enabled:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_bf16_pays():
         return torch.bfloat16
     return None
 
