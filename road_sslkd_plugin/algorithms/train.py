@@ -27,18 +27,22 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
+from ..core.layers import describe
 from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
 from ..core.results import RunFolder
 from .base import RoadAlgorithm
 
 
 def _file_path(layer: Any) -> str:
-    """The file behind a layer (``path|layername=x`` keeps the layer part only for GeoPackages)."""
-    source = layer.source()
-    path = source.split("|", 1)[0]
-    if not os.path.isfile(path):
-        raise QgsProcessingException(f"{layer.name()} is not a file on disk ({source}): save or export it first")
-    return path
+    """The file the backend reads for a layer, by the dock's rules (``core.layers.describe``); layers without
+    one of their own (memory, web, filtered, one layer of a multi-layer GeoPackage) must be saved first."""
+    info = describe(layer)
+    if info.path:
+        return info.path
+    why = info.reason or "a memory, web or filtered layer, or one layer of a multi-layer file"
+    raise QgsProcessingException(
+        f"{layer.name()} has no file of its own that the backend can read ({why}): save it to its own file "
+        "first, or train from the dock, which exports such layers")
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
+from osgeo import ogr
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -126,12 +127,17 @@ def describe_vector(layer: QgsVectorLayer) -> LayerInfo:
         info.reason = f"{kind.lower()} layer: road labels must be lines or polygons"
         return info
     path, sublayer = _decoded_path(layer) if layer.providerType() == "ogr" else ("", "")
-    single_layer = len(layer.dataProvider().subLayers()) <= 1
-    if path and os.path.isfile(path) and not layer.subsetString() and (not sublayer or single_layer):
+    # The backend reads a file's first layer; the provider of a layer opened by name lists only that layer.
+    if path and os.path.isfile(path) and not layer.subsetString() and (not sublayer or _layer_count(path) <= 1):
         info.path = path
     else:
         info.export = "vector"
     return info
+
+
+def _layer_count(path: str) -> int:
+    source = ogr.Open(path)
+    return source.GetLayerCount() if source is not None else 0
 
 
 def describe(layer: QgsMapLayer) -> LayerInfo:

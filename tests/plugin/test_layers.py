@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from osgeo import gdal, osr
+from osgeo import gdal, ogr, osr
 from qgis.core import QgsFeature, QgsGeometry, QgsRasterLayer, QgsVectorLayer
 
 from road_sslkd_plugin.core.layers import (
@@ -89,6 +89,15 @@ def test_file_vector_is_used_directly_unless_filtered(tmp_path, project):
     assert describe(layer).path == path
     layer.setSubsetString("fid > 100")
     assert describe(layer).export == "vector"
+    # A file of two layers: the backend reads only the first, so a layer picked by name is exported.
+    two = str(tmp_path / "two.gpkg")
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    source = ogr.GetDriverByName("GPKG").CreateDataSource(two)
+    for name in ("old", "new"):
+        source.CreateLayer(name, srs, ogr.wkbLineString)
+    source = None
+    assert describe(QgsVectorLayer(f"{two}|layername=new", "new roads", "ogr")).export == "vector"
 
 
 def plan_for(tmp_path, pairs, **kwargs):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from osgeo import gdal
+from osgeo import gdal, ogr
 from qgis.core import (
     QgsApplication,
     QgsProcessingException,
@@ -213,6 +213,18 @@ def test_train_checks_its_inputs(processing, data, tmp_path):
              "ENCODER_WEIGHTS": str(tmp_path / "no-weights"), "OUTPUT_FOLDER": str(tmp_path / "run")},
         )  # fmt: skip
     assert not (tmp_path / "run").exists()
+    # One layer of a two-layer GeoPackage: the backend would read the first, so it must be saved alone first.
+    gpkg = tmp_path / "roads.gpkg"
+    source = ogr.GetDriverByName("GPKG").CreateDataSource(str(gpkg))
+    for name in ("old", "new"):
+        source.CreateLayer(name, None, ogr.wkbLineString)
+    source = None
+    with pytest.raises(QgsProcessingException, match="roads has no file of its own"):
+        processing.run(
+            "road_sslkd:train",
+            {"LABELLED_IMAGES": [str(data["raster"])], "LABELS": [f"{gpkg}|layername=new"], "PRESET": 0,
+             "OUTPUT_FOLDER": str(tmp_path / "run")},
+        )  # fmt: skip
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "config.json").write_text("{}")
     with pytest.raises(QgsProcessingException, match="is not empty"):
