@@ -80,7 +80,9 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             "grid aligned with the layer; nodata stays masked.<br>"
             "<b>Road mask</b>: optional; 1 = road where the probability reaches the threshold (default: the "
             "model's seg_thresh).<br><br>"
-            "Runs in QGIS when its Python has onnxruntime, else through the backend's <tt>road-sslkd predict</tt>."
+            "Runs in QGIS when its Python has onnxruntime, else through the backend's <tt>road-sslkd predict</tt>, "
+            "which reads the layer at its own resolution and, without a Threshold, masks at 0.5 (the model's "
+            "metadata needs onnxruntime to read)."
         )
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
