@@ -272,11 +272,11 @@ def _run(args: argparse.Namespace) -> None:
     if args.resume:
         run = RunDir.open(args.resume)
         distributed.init(pick_device(args.device or run.config.device))  # under torchrun only
-        changed = {"stages": stages, "device": args.device}  # a run resumes on its own device unless told
-        if any(value is not None for value in changed.values()):
-            for key, value in changed.items():
-                if value is not None:
-                    setattr(run.config, key, value)
+        # What this start changes stays the run's: a later plain --resume keeps its stages and device.
+        changes = {key: value for key, value in (("stages", stages), ("device", args.device)) if value is not None}
+        for key, value in changes.items():
+            setattr(run.config, key, value)
+        if changes:
             run.save()
     else:
         if not args.out:
