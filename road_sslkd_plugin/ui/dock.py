@@ -99,7 +99,7 @@ from .widgets import ACCENT, Banner, LayerChecklist, PairsEditor, StageStrip, mu
 
 PRESET_HELP = {
     "tiny": "Tiny networks and a few steps: checks the whole pipeline in minutes on any CPU.",
-    "cpu": "Small networks sized for a laptop: about 95 minutes of one CPU core with bfloat16, an hour on two.",
+    "cpu": "Small networks sized for a laptop: about an hour on two cores (measured: 59 minutes).",
     "gpu": "The paper's teachers (DeepLabV3+ ResNet-101, VGG-16 encoder-decoder): needs a CUDA GPU.",
 }
 TAB_DATA, TAB_TRAINING, TAB_RUN, TAB_RESULTS = range(4)
