@@ -23,7 +23,7 @@ class Config:
     student: str = "linknet-mobilenet_v2"
     weights: str = "imagenet"  # "imagenet", "none", a state-dict file or a folder of <encoder>.pth (models.py)
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
-    label_width: float = 6.0  # road width in map units when labels are vector lines
+    label_width: float = 6.0  # road width of vector line labels, in the image CRS's units
     crop: int = 128
     batch: int = 8
     batch_unlabelled: int = 8

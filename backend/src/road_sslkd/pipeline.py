@@ -71,7 +71,6 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
     if unknown:
         raise events.UserError(f"unknown stage(s): {', '.join(unknown)}", f"stages: {', '.join(STAGE_NAMES)}")
-    check_weights(cfg)  # also for resumed runs and the benchmark's
     device = pick_device(device_name)
     if not run.dataset.unlabelled and any(s in ("teachers_ssl", "student_ssl", "student_sslkd") for s in cfg.stages):
         events.warning("no unlabelled rasters given: the labelled images serve as the unlabelled pool")
@@ -232,7 +231,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-scale", type=float, help="multiply every stage's steps (training length)")
     p.add_argument("--seed", type=int)
     p.add_argument("--bands", help="1-based bands to use, e.g. 1,2,3")
-    p.add_argument("--label-width", type=float, help="road width in map units for vector labels")
+    p.add_argument("--label-width", type=float, help="road width for vector labels, in the image CRS's units")
     p.add_argument("--weights", help="'imagenet', 'none', a local weights file, or a folder with one file "
                    "per encoder (resnet34.pth, mobilenet_v2.pth...)")
     p.add_argument("--device", help="auto, cpu or cuda (default: auto; a resumed run keeps its own)")
@@ -272,6 +271,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.resume:
         run = RunDir.open(args.resume)
         distributed.init(pick_device(args.device or run.config.device))  # under torchrun only
+        check_weights(run.config)  # a weights file may have moved since the run started
         # What this start changes stays the run's: a later plain --resume keeps its stages and device.
         changes = {key: value for key, value in (("stages", stages), ("device", args.device)) if value is not None}
         for key, value in changes.items():
