@@ -5,6 +5,7 @@ import json
 
 import pytest
 import segmentation_models_pytorch as smp
+import timm
 import torch
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
@@ -55,22 +56,45 @@ def test_rgb_weights_widen_to_more_bands(tmp_path):
     assert out.shape == (1, 1, 64, 64)
 
 
-def test_imagenet_offline_from_the_hugging_face_cache(tmp_path, monkeypatch):
-    settings = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]
-    if "repo_id" not in settings:
-        pytest.skip("this segmentation-models-pytorch downloads through torch.hub, not the Hugging Face hub")
-    snapshot = (tmp_path / f"models--{settings['repo_id'].replace('/', '--')}" / "snapshots"
-                / settings["revision"])
+@pytest.mark.parametrize("arch", ["tiny-unet", "linknet-regnetx_002"])  # smp's own encoder, a timm one
+def test_imagenet_offline_from_the_hugging_face_cache(arch, tmp_path, monkeypatch):
+    encoder = models.REGISTRY[arch].encoder
+    if encoder.startswith("tu-"):
+        repo, revision = timm.models.get_pretrained_cfg(encoder.removeprefix("tu-")).hf_hub_id, None
+    else:
+        settings = smp.encoders.encoders[encoder]["pretrained_settings"]["imagenet"]
+        if "repo_id" not in settings:
+            pytest.skip("this segmentation-models-pytorch downloads through torch.hub, not the Hugging Face hub")
+        repo, revision = settings["repo_id"], settings["revision"]
+    folder = tmp_path / f"models--{repo.replace('/', '--')}"
+    if revision is None:  # the hub client follows the main branch's ref to its snapshot
+        revision = "0" * 40
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text(revision)
+    snapshot = folder / "snapshots" / revision
     snapshot.mkdir(parents=True)
-    state = _encoder_state("tiny-unet", seed=3)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    state = _encoder_state(arch, seed=3)
+    # timm's files name tensors as timm does, without smp's "model." wrapper
+    save_file({k.removeprefix("model."): v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network, whatever this one has
     models._hub_reachable.cache_clear()
     try:
-        assert _same(build_model("tiny-unet", weights="imagenet"), state)
+        assert _same(build_model(arch, weights="imagenet"), state)
     finally:
         models._hub_reachable.cache_clear()
+
+
+def test_timm_checkpoint_in_a_folder_widens_to_more_bands(tmp_path):
+    torch.manual_seed(6)
+    state = timm.create_model("regnetx_002").state_dict()  # a classifier's file, head included
+    torch.save(state, tmp_path / "regnetx_002.pth")  # timm's name; tu-regnetx_002.pth serves too
+    model = build_model("linknet-regnetx_002", in_channels=4, weights=str(tmp_path))
+    own = model.net.encoder.state_dict()
+    assert own["model.stem.conv.weight"].shape[1] == 4
+    loaded = [k for k in state if f"model.{k}" in own and k != "stem.conv.weight"]
+    assert len(loaded) > 50 and all(torch.equal(own[f"model.{k}"], state[k]) for k in loaded)
+    assert model.eval()(torch.zeros(1, 4, 64, 64)).shape == (1, 1, 64, 64)
 
 
 def test_missing_weights_path_is_a_user_error(tmp_path):

@@ -17,10 +17,12 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
+import timm
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file as load_safetensors
+from timm.models import adapt_input_conv
 from torch import nn
 
 from . import events
@@ -55,11 +57,14 @@ REGISTRY: dict[str, Architecture] = {
     "linknet-resnet34": Architecture("Linknet", "resnet34", "teacher"),
     "deeplabv3plus-resnet50": Architecture("DeepLabV3Plus", "resnet50", "teacher"),
     "unet-resnet18": Architecture("Unet", "resnet18", "teacher"),
-    # Students (4-7 M parameters). LinkNet-MobileNetV2 (the cpu default) decodes to full resolution like
+    # Students (2.5-7 M parameters). LinkNet-MobileNetV2 (the cpu default) decodes to full resolution like
     # the teachers, with 4.4 GFLOPs per 512² tile against DeepLabV3+'s 11.9 (whose decoder stops at 1/4).
     "linknet-mobilenet_v2": Architecture("Linknet", "mobilenet_v2", "student"),
     "deeplabv3plus-mobilenet_v2": Architecture("DeepLabV3Plus", "mobilenet_v2", "student"),
     "unet-mobilenet_v2": Architecture("Unet", "mobilenet_v2", "student"),
+    # Plain and grouped convolutions instead of depthwise ones: about 0.65x LinkNet-MobileNetV2's training
+    # step on a 2-core CPU at the same ONNX speed (docs/benchmarks/student_candidates_xeon.md).
+    "linknet-regnetx_002": Architecture("Linknet", "tu-regnetx_002", "student"),
     # Test-sized networks for the tiny preset: the same code paths in seconds.
     "tiny-unet": Architecture(
         "Unet", "resnet18", "test", (("encoder_depth", 3), ("decoder_channels", (32, 16, 8)))
@@ -163,19 +168,24 @@ def build_model(name: str, in_channels: int = 3, weights: str = "imagenet") -> S
         return SegModel(arch.build(in_channels, None), name)
     state = _read_state(path)
     whole = any(k.startswith(("encoder.", "net.")) for k in state)  # a whole model, not an encoder
-    # Encoder weights are RGB: load them into a three-band encoder, then widen its first convolution to the
-    # run's bands the way smp adapts its own pretrained encoders.
-    model = SegModel(arch.build(in_channels if whole else 3, None), name)
+    model = SegModel(arch.build(in_channels, None), name)
     _load_state(model, state, path, whole)
-    if not whole:
-        model.net.encoder.set_in_channels(in_channels, pretrained=True)
     return model
+
+
+def _encoder_names(encoder: str) -> list[str]:
+    """File names an encoder's weights may have: smp's name and, for its timm encoders ("tu-x"), timm's."""
+    return list(dict.fromkeys((encoder, encoder.removeprefix("tu-"))))
 
 
 def weights_file(encoder: str, weights: str) -> Optional[Path]:
     """The local file holding ``encoder``'s weights for a ``weights`` setting other than "none", or None."""
     if weights == "imagenet":
-        settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
+        if encoder.startswith("tu-"):  # smp builds these through timm, whose hub repository holds the weights
+            cfg = timm.models.get_pretrained_cfg(encoder.removeprefix("tu-"))
+            settings = {"repo_id": cfg.hf_hub_id} if cfg is not None and cfg.hf_hub_id else None
+        else:
+            settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
         if settings is None:
             return None
         if "url" in settings:  # smp before 0.5 downloaded through torch.hub
@@ -185,7 +195,8 @@ def weights_file(encoder: str, weights: str) -> Optional[Path]:
         return Path(found) if isinstance(found, str) else None
     path = Path(weights)
     if path.is_dir():  # <encoder>.pth, or torchvision's <encoder>-<hash>.pth: its hub cache folder serves as is
-        named = [path / f"{encoder}{s}" for s in WEIGHT_SUFFIXES] + sorted(path.glob(f"{encoder}-*.pth"))
+        named = [path / f"{n}{s}" for n in _encoder_names(encoder) for s in WEIGHT_SUFFIXES]
+        named += sorted(path.glob(f"{encoder}-*.pth"))
         return next((p for p in named if p.is_file()), None)
     if not path.is_file():
         raise UserError(f"weights file or folder not found: {path}",
@@ -216,7 +227,15 @@ def _load_state(model: SegModel, state: dict[str, torch.Tensor], path: Path, who
     hint = (f"give {model.name} a file for its {encoder} encoder, or a folder with one file per encoder "
             f"({encoder}.pth for this model)")
     state = {k.removeprefix("net."): v for k, v in state.items()}
-    expected = set(target.state_dict())
+    own = target.state_dict()
+    expected = set(own)
+    if not whole:
+        if all(k.startswith("model.") for k in own) and not any(k.startswith("model.") for k in state):
+            state = {f"model.{k}": v for k, v in state.items()}  # a timm file for smp's wrapper of timm
+        # Encoder weights are RGB: the first convolution is widened (or summed) to the run's bands, as timm
+        # and smp adapt their own pretrained encoders.
+        state = {k: adapt_input_conv(own[k].shape[1], v) if k in own and v.dim() == 4 and v.shape[1] == 3
+                 and own[k].shape[1] != 3 else v for k, v in state.items()}
     if not expected & set(state):
         raise UserError(f"no tensor of {path} fits {model.name}", hint)
     try:
