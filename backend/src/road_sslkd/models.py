@@ -62,8 +62,9 @@ REGISTRY: dict[str, Architecture] = {
     "linknet-mobilenet_v2": Architecture("Linknet", "mobilenet_v2", "student"),
     "deeplabv3plus-mobilenet_v2": Architecture("DeepLabV3Plus", "mobilenet_v2", "student"),
     "unet-mobilenet_v2": Architecture("Unet", "mobilenet_v2", "student"),
-    # Plain and grouped convolutions instead of depthwise ones: about 0.65x LinkNet-MobileNetV2's training
-    # step on a 2-core CPU at the same ONNX speed (docs/benchmarks/student_candidates_xeon.md).
+    # Plain and grouped convolutions instead of depthwise ones: 0.64-0.79x LinkNet-MobileNetV2's training
+    # step on a 2-core CPU at the same ONNX speed, but 12 points lower on held-out images from random
+    # initialisation (docs/benchmarks/cil_road_2016/student_choice.md).
     "linknet-regnetx_002": Architecture("Linknet", "tu-regnetx_002", "student"),
     # Test-sized networks for the tiny preset: the same code paths in seconds.
     "tiny-unet": Architecture(
