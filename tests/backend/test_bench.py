@@ -38,6 +38,11 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
         assert (out / figure).stat().st_size > 10_000
     markdown = (out / "report.md").read_text()
     assert "road-sslkd bench" in markdown and f"It ran for {report['wall_seconds'] / 60:.0f} min wall" in markdown
+    # Training time per seed from its stages (the cross-model stage counted once), as the runs recorded it.
+    for seed, minutes in zip((0, 1), report["training_minutes"]):
+        run = json.loads((work / f"seed_{seed}" / "metrics.json").read_text())["models"]
+        stages = sum(m["setup_seconds"] + m["train_seconds"] for n, m in run.items() if n != "teacher_b_ssl")
+        assert minutes == round(stages / 60, 1) > 0 and f"seed {seed} {minutes:.0f} min" in markdown
     seed_1 = report["models"]["student_sslkd"]["iou_seeds"][1]
     assert any(line.startswith("| student_sslkd |") and line.endswith(f"| {100 * seed_1:.1f} |")
                for line in markdown.splitlines())
@@ -58,6 +63,7 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     assert not [e for e in events if e["event"] == "progress" and e["stage"] in ("teacher_a", "evaluate")]
     again_report = json.loads((out / "report.json").read_text())
     assert again_report["wall_seconds"] < report["wall_seconds"]  # nothing retrained, only measured
+    assert again_report["training_minutes"] == report["training_minutes"]  # the first start's training counts
     again = again_report["models"]
     for name, values in report["models"].items():
         assert again[name]["iou"] == values["iou"] and again[name]["precision"] == values["precision"], name

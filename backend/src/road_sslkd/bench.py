@@ -33,6 +33,14 @@ from .runs import RunDir, install_stop_handlers, stop_requested
 
 REPORT_MODELS = ("student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
                  "student_kd", "student_sslkd")
+SHARED_STAGE = "teacher_b_ssl"  # trained in one stage with teacher_a_ssl, whose seconds it repeats
+
+
+def training_minutes(models: dict[str, dict]) -> float:
+    """Setup and train minutes of one seed's stages. Unlike a start's wall time, these add up over the
+    starts of a resumed run (a checkpoint keeps the seconds spent before it)."""
+    return sum(m.get("setup_seconds", 0.0) + m.get("train_seconds", 0.0)
+               for name, m in models.items() if name in REPORT_MODELS and name != SHARED_STAGE) / 60
 
 
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
@@ -76,8 +84,9 @@ def machine() -> dict[str, object]:
 
 
 def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str,
-              command: str, jobs: int = 1) -> tuple[dict, RunDir]:
-    """Train and evaluate every model for every seed; returns the aggregated metrics and the first run."""
+              command: str, jobs: int = 1) -> tuple[dict, list[float], RunDir]:
+    """Train and evaluate every model for every seed; returns the aggregated metrics, each seed's training
+    minutes and the first run."""
     spec = DatasetSpec.from_split(data)
     if not spec.test:
         raise events.UserError(f"{data}/split.json has no 'test' pairs", "the benchmark evaluates on the test split")
@@ -106,7 +115,7 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
         paths = [export_run_model(first_run, name, Path(tmp) / f"{name}.onnx") for name in models]
         for name, speed in zip(models, onnx_throughput(paths, len(cfg.bands), size=cfg.tile)):
             models[name]["mpx_per_s"] = speed
-    return models, first_run
+    return models, [round(training_minutes(m), 1) for m in per_seed], first_run
 
 
 def train_in_children(paths: list[Path], jobs: int, device: str) -> None:
@@ -198,7 +207,10 @@ def report_markdown(report: dict) -> str:
         f"    {report['command']}",
         "",
         f"It ran for {report['wall_seconds'] / 60:.0f} min wall (stages an earlier run had finished in its work "
-        "folder are reused, not counted).",
+        "folder are reused, not counted). Training per seed (setup and train time of its stages, over every "
+        "start of a resumed run; evaluation not included): "
+        + ", ".join(f"seed {s} {t:.0f} min" for s, t in zip(report["seeds"], report["training_minutes"]))
+        + f", with {report['jobs']} seed(s) at a time.",
         "",
     ]
     if len(report["seeds"]) > 1:
@@ -272,7 +284,7 @@ def _run(args: argparse.Namespace) -> None:
     work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
     if args.jobs < 1:
         raise events.UserError(f"--jobs {args.jobs}", "give 1 or more processes")
-    models, first_run = run_bench(args.data, cfg, seeds, work, cfg.device, args.command_line, args.jobs)
+    models, minutes, first_run = run_bench(args.data, cfg, seeds, work, cfg.device, args.command_line, args.jobs)
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out)
     report = {
@@ -280,7 +292,7 @@ def _run(args: argparse.Namespace) -> None:
         "command": args.command_line,
         "version": __version__, "date": datetime.date.today().isoformat(), "machine": machine(),
         "config": cfg.to_json(), "models": models, "figures": [p.name for p in pictures],
-        "wall_seconds": round(time.monotonic() - start),
+        "wall_seconds": round(time.monotonic() - start), "training_minutes": minutes, "jobs": args.jobs,
     }
     report_json.write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(report_markdown(report))
