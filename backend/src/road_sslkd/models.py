@@ -22,7 +22,6 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file as load_safetensors
-from timm.models import adapt_input_conv
 from torch import nn
 
 from . import events
@@ -235,7 +234,7 @@ def _load_state(model: SegModel, state: dict[str, torch.Tensor], path: Path, who
             state = {f"model.{k}": v for k, v in state.items()}  # a timm file for smp's wrapper of timm
         # Encoder weights are RGB: the first convolution is widened (or summed) to the run's bands, as timm
         # and smp adapt their own pretrained encoders.
-        state = {k: adapt_input_conv(own[k].shape[1], v) if k in own and v.dim() == 4 and v.shape[1] == 3
+        state = {k: timm.models.adapt_input_conv(own[k].shape[1], v) if k in own and v.dim() == 4 and v.shape[1] == 3
                  and own[k].shape[1] != 3 else v for k, v in state.items()}
     if not expected & set(state):
         raise UserError(f"no tensor of {path} fits {model.name}", hint)
