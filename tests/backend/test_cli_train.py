@@ -136,6 +136,9 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
     stale = run / "targets" / "teacher_b" / "left_by_an_earlier_teacher_b.npy"  # as a deleted model would leave
     stale.parent.mkdir(parents=True)
     np.save(stale, np.zeros((2, 2), np.uint8))
+    stopped = RunDir.open(run)
+    assert "setup_seconds" in stopped.metrics()["models"]["teacher_b"]  # written before its training began
+    stopped.update_metrics("teacher_b", {"setup_seconds": 100.0})  # as a first start that cached maps would leave
 
     time.sleep(0.01)
     code, events, stderr = run_cli("train", "--resume", str(run))
@@ -147,6 +150,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
     assert (run / "models" / "teacher_b.pt").is_file()
     assert not (run / "checkpoints" / "teacher_b.pt").exists()
     assert not stale.exists()  # maps cached from another teacher_b would be stale
+    assert RunDir.open(run).metrics()["models"]["teacher_b"]["setup_seconds"] >= 100.0  # both starts' setup
 
 
 def test_cross_model_stage_learning_rate_scale(tiny_run, tiny_dataset, run_main, tmp_path):

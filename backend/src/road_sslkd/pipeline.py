@@ -89,10 +89,13 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
         setup = time.monotonic() - started  # mostly caching teacher outputs (targets.py), outside train_seconds
         described = {n for n in stage.outputs() if run.has_model(n) and _described(run, n, bool(test_items))}
         trained = not all(run.has_model(n) for n in stage.outputs())
-        run_stage(stage, ctx)
         if trained and distributed.is_main():
+            # Written before training and added to the setup of a start that stopped during it (a resumed
+            # stage reuses that start's cached maps), so setup_seconds counts every start.
             for out_name in stage.outputs():
-                run.update_metrics(out_name, {"setup_seconds": round(setup, 1)})
+                earlier = run.metrics()["models"].get(out_name, {}).get("setup_seconds", 0.0)
+                run.update_metrics(out_name, {"setup_seconds": round(earlier + setup, 1)})
+        run_stage(stage, ctx)
         if distributed.is_main():  # the others wait for rank 0 at the next stage (or at the end)
             for out_name in (n for n in stage.outputs() if n not in described):
                 # The saved model: a stage finished in an earlier start holds only freshly built networks.
