@@ -90,10 +90,11 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
         described = {n for n in stage.outputs() if run.has_model(n) and _described(run, n, bool(test_items))}
         trained = not all(run.has_model(n) for n in stage.outputs())
         if trained and distributed.is_main():
-            # Written before training and added to the setup of a start that stopped during it (a resumed
-            # stage reuses that start's cached maps), so setup_seconds counts every start.
+            # Written before training and, like train_seconds, carried over from a start that left a checkpoint
+            # (whose cached maps this start reuses), so setup_seconds counts every start of a resumed stage.
+            resumed = run.checkpoint_path(stage.name).exists()
             for out_name in stage.outputs():
-                earlier = run.metrics()["models"].get(out_name, {}).get("setup_seconds", 0.0)
+                earlier = run.metrics()["models"].get(out_name, {}).get("setup_seconds", 0.0) if resumed else 0.0
                 run.update_metrics(out_name, {"setup_seconds": round(earlier + setup, 1)})
         run_stage(stage, ctx)
         if distributed.is_main():  # the others wait for rank 0 at the next stage (or at the end)
