@@ -161,15 +161,6 @@ def image_layers(project: Optional[QgsProject] = None) -> list[QgsRasterLayer]:
     return [layer for layer in _ordered_layers(project or QgsProject.instance()) if _is_raster(layer)]
 
 
-def label_layers(project: Optional[QgsProject] = None) -> list[QgsMapLayer]:
-    """Raster masks and line/polygon vector layers: the layers a label combo offers."""
-    found = []
-    for layer in _ordered_layers(project or QgsProject.instance()):
-        if _is_raster(layer) or (_is_vector(layer) and _geometry_kind(layer) in ("Line", "Polygon")):
-            found.append(layer)
-    return found
-
-
 @dataclass
 class Pair:
     """An image layer and its label layer (either may be unset while the user edits)."""

@@ -20,10 +20,9 @@ SIGKILL = 9
 PRESETS = ("tiny", "cpu", "gpu")
 DEVICES = ("auto", "cpu", "cuda")
 
-# Stages in progress events, in the order the backend runs them. "evaluate" comes after each model,
-# with a "model" key; baseline students appear when --stages asks for them.
-STAGES = ("teacher_a", "teacher_b", "teachers_ssl", "student_sslkd", "evaluate", "export")
-# Every stage ``--stages`` accepts; the baselines are the three extra students the benchmark compares.
+# Every stage ``--stages`` accepts, in the order the backend runs them; the baselines are the three extra
+# students the benchmark compares. Progress events also name "evaluate" (after each model, with a "model"
+# key) and "export".
 TRAIN_STAGES = (
     "teacher_a",
     "teacher_b",

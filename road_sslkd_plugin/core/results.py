@@ -29,7 +29,6 @@ MODEL_HELP = {
     "student_sslkd": "The student distilled from the cross-model teacher(s) on all the data: the exported model",
 }
 STUDENT = "student_sslkd"
-BASELINE_STAGES = ("student_supervised", "student_ssl", "student_kd")
 
 
 def model_label(key: str) -> str:

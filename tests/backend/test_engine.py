@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from road_sslkd.engine import blend_weights, dihedral, predict_strips, predict_tiled, tile_starts
+from road_sslkd.engine import blend_ramp, dihedral, predict_strips, predict_tiled, tile_starts
 from road_sslkd.events import UserError
 from road_sslkd.onnx_runtime import DEFAULT_TILE, load_model
 from road_sslkd.quantize import quantize_int8, synthetic_tiles
@@ -82,11 +82,11 @@ def test_tile_starts_cover_and_end_at_edge():
     assert starts[-1] == 1000 - 64 and all(b - a <= 48 for a, b in zip(starts, starts[1:]))
 
 
-def test_blend_weights_peak_in_the_middle_and_never_vanish():
-    weights = blend_weights(64, 16)
-    assert weights.shape == (64, 64) and np.allclose(weights, weights.T)
-    assert weights[32, 32] == 1.0 and weights.min() > 0
-    assert weights[0, 32] < weights[8, 32] < weights[16, 32]
+def test_blend_ramp_peaks_in_the_middle_and_never_vanishes():
+    ramp = blend_ramp(64, 16)
+    assert ramp.shape == (64,) and np.allclose(ramp, ramp[::-1])
+    assert ramp[32] == 1.0 and ramp.min() > 0
+    assert ramp[0] < ramp[8] < ramp[16]
 
 
 def test_dihedral_averages_the_eight_views_back_on_the_tile_grid():

@@ -13,7 +13,6 @@ from road_sslkd_plugin.core.layers import (
     describe,
     free_run_name,
     image_layers,
-    label_layers,
     to_request,
     writable_folder_problem,
 )
@@ -74,7 +73,6 @@ def test_layers_are_offered_with_how_they_reach_the_backend(scene, tmp_path):
     assert roads.usable and roads.export == "vector"
 
     assert [layer.name() for layer in image_layers()] == ["image", "mask", "OpenStreetMap", "in memory"]
-    assert [layer.name() for layer in label_layers()] == ["image", "mask", "OpenStreetMap", "in memory", "roads"]
 
 
 def test_file_vector_is_used_directly_unless_filtered(tmp_path, project):

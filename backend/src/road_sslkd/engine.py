@@ -47,12 +47,6 @@ def blend_ramp(tile: int, overlap: int) -> np.ndarray:
     return ramp
 
 
-def blend_weights(tile: int, overlap: int) -> np.ndarray:
-    """2-D tile weights: the outer product of ``blend_ramp`` with itself."""
-    ramp = blend_ramp(tile, overlap)
-    return np.outer(ramp, ramp)
-
-
 def _coverage(length: int, starts: list[int], ramp: np.ndarray) -> np.ndarray:
     """Sum of the 1-D ramps of all tiles over each position.
 
