@@ -24,7 +24,6 @@ class RoadMetrics:
     tp: int = 0
     fp: int = 0
     fn: int = 0
-    tn: int = 0
     relaxed_tp_pred: int = 0  # predicted road pixels within the slack of a true road pixel
     relaxed_tp_true: int = 0  # true road pixels within the slack of a predicted road pixel
     pred_total: int = 0
@@ -36,7 +35,6 @@ class RoadMetrics:
         self.tp += int((p & t).sum())
         self.fp += int((p & ~t).sum())
         self.fn += int((~p & t).sum())
-        self.tn += int((~pred & ~truth & valid).sum())
         self.relaxed_tp_pred += int((p & _dilate(truth, RELAX_PIXELS)).sum())
         self.relaxed_tp_true += int((t & _dilate(pred, RELAX_PIXELS)).sum())
         self.pred_total += int(p.sum())
