@@ -3,6 +3,7 @@
 import json
 
 from conftest import errors
+from road_sslkd.bench import claims
 
 REQUIRED = {"iou", "iou_std", "f1", "precision", "recall", "relaxed_f1", "params", "gflops", "mpx_per_s",
             "setup_seconds", "train_seconds"}
@@ -81,3 +82,15 @@ def test_bench_takes_seeds_not_seed(run_main, tiny_dataset, tmp_path):
     code, events = run_main("bench", "--data", str(tiny_dataset), "--seed", "3", "--out", str(tmp_path / "report"))
     assert code == 2 and errors(events)[0]["hint"] == "pass --seeds 3"
     assert not (tmp_path / "report").exists()
+
+
+def test_one_seed_cannot_meet_the_spread_rule():
+    def model(iou: float, params: float = 1.0) -> dict:
+        return {"iou": iou, "iou_seeds": [iou], "params": params, "mpx_per_s": 1.0}
+
+    m = {"student_sslkd": model(0.70, 0.1), "student_ssl": model(0.60, 0.1), "student_supervised": model(0.60, 0.1),
+         "teacher_a_ssl": model(0.70), "teacher_b_ssl": model(0.65)}
+    row = next(line for line in claims(m) if "UniMatch" in line)
+    assert "+10.0 IoU points (one seed: spread not measured)" in row and row.endswith("| NOT met |")
+    m["student_sslkd"]["iou_seeds"] = m["student_ssl"]["iou_seeds"] = [0.7, 0.7]
+    assert next(line for line in claims(m) if "UniMatch" in line).endswith("| met |")

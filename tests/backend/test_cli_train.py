@@ -294,3 +294,25 @@ def test_int8_export_is_kept_only_within_one_iou_point(tiny_run, run_main, tmp_p
     if kept:
         session = ort.InferenceSession(str(tmp_path / "student.int8.onnx"), providers=["CPUExecutionProvider"])
         assert session.get_modelmeta().custom_metadata_map["road_sslkd_quantized"].startswith("int8")
+
+
+def test_int8_export_calibrates_on_rasters_whose_sides_are_not_multiples_of_32(tiny_run, run_main, tmp_path):
+    """SYNTHETIC 100 px scenes (coarser imagery gives small rasters): calibration tiles are padded like inference."""
+    from road_sslkd.demo_data import write_demo_dataset
+    from road_sslkd.export import _calibration_tiles
+
+    split = json.loads(write_demo_dataset(tmp_path / "odd", labelled=1, unlabelled=1, test=1, size=100).read_text())
+    stored = json.loads((tiny_run[0] / "config.json").read_text())
+    stored["dataset"] = {
+        "labelled": [{k: str(tmp_path / "odd" / v) for k, v in pair.items()} for pair in split["labelled"]],
+        "unlabelled": [str(tmp_path / "odd" / path) for path in split["unlabelled"]],
+        "test": [{k: str(tmp_path / "odd" / v) for k, v in pair.items()} for pair in split["test"]],
+    }
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0] / "models", run / "models")
+    (run / "config.json").write_text(json.dumps(stored))
+    # LinkNet decoders (the cpu preset's student) add skips and fail on sides not divisible by 32.
+    assert {tile.shape for tile in _calibration_tiles(RunDir.open(run))} == {(3, 256, 256)}
+    code, events = run_main("export", str(run), "--out", str(tmp_path / "student.onnx"), "--int8")
+    assert code == 0, errors(events)
+    assert {e["name"] for e in events if e["event"] == "metric"} == {"iou_fp32", "iou_int8"}

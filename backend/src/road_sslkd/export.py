@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__, events
+from .engine import pad_to
 from .events import UserError
 from .models import SegModel, count_parameters
 
@@ -176,7 +177,10 @@ INT8_MAX_DROP = 0.01  # IoU (1 point): a faster model that misses more roads tha
 
 
 def _calibration_tiles(run: Any, count: int = 8, size: int = 256) -> Iterator[np.ndarray]:
-    """Raw tiles from the centre of the run's own rasters (unlabelled first): calibration on real imagery."""
+    """Raw size x size tiles from the centre of the run's own rasters (unlabelled first).
+
+    Smaller rasters are padded as inference pads them: the encoders need sides divisible by 32.
+    """
     import rasterio
     from rasterio.windows import Window
 
@@ -184,7 +188,8 @@ def _calibration_tiles(run: Any, count: int = 8, size: int = 256) -> Iterator[np
     for path in images[:count]:
         with rasterio.open(path) as ds:
             h, w = min(size, ds.height), min(size, ds.width)
-            yield ds.read(run.config.bands, window=Window((ds.width - w) // 2, (ds.height - h) // 2, w, h))
+            tile = ds.read(run.config.bands, window=Window((ds.width - w) // 2, (ds.height - h) // 2, w, h))
+        yield pad_to(tile, size, size)
 
 
 def _int8_keeps_quality(run: Any, fp32: Path, int8: Path) -> bool:
