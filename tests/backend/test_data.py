@@ -129,6 +129,15 @@ def test_prior_threshold_of_the_teacher_ensemble():
     assert prior_threshold([a], fraction=0.0) == pytest.approx(200 / 255)
 
 
+def test_a_dataset_given_by_a_relative_folder_is_stored_with_absolute_paths(tiny_dataset, monkeypatch):
+    monkeypatch.chdir(tiny_dataset.parent)
+    stored = data.DatasetSpec.from_split(tiny_dataset.name).to_json()
+    monkeypatch.chdir(tiny_dataset / "images")  # a later `train --resume` from elsewhere
+    spec = data.DatasetSpec.from_json(stored)
+    paths = [*spec.unlabelled, *(q.image for q in spec.labelled), *(q.label for q in [*spec.labelled, *spec.test])]
+    assert len(paths) == 7 and all(p.is_absolute() and p.is_file() for p in paths)
+
+
 def test_parse_pair_handles_windows_drives():
     assert parse_pair("a.tif:b.gpkg") == Pair(data.Path("a.tif"), data.Path("b.gpkg"))
     pair = parse_pair(r"C:\data\a.tif:D:\labels\b.tif")

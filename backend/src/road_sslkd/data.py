@@ -71,12 +71,13 @@ class DatasetSpec:
         return cls([parse_pair(p) for p in labelled], [Path(p) for p in unlabelled], [parse_pair(p) for p in test])
 
     def to_json(self) -> dict:
+        """Absolute paths: a run resumed, evaluated or exported from another folder still finds its rasters."""
         def pair(p: Pair) -> dict:
-            return {"image": str(p.image), "mask": str(p.label)}
+            return {"image": str(p.image.absolute()), "mask": str(p.label.absolute())}
 
         return {
             "labelled": [pair(p) for p in self.labelled],
-            "unlabelled": [str(p) for p in self.unlabelled],
+            "unlabelled": [str(p.absolute()) for p in self.unlabelled],
             "test": [pair(p) for p in self.test],
         }
 
