@@ -298,16 +298,13 @@ def test_int8_export_is_kept_only_within_one_iou_point(tiny_run, run_main, tmp_p
 
 def test_int8_export_calibrates_on_rasters_whose_sides_are_not_multiples_of_32(tiny_run, run_main, tmp_path):
     """SYNTHETIC 100 px scenes (coarser imagery gives small rasters): calibration tiles are padded like inference."""
+    from road_sslkd.data import DatasetSpec
     from road_sslkd.demo_data import write_demo_dataset
     from road_sslkd.export import _calibration_tiles
 
-    split = json.loads(write_demo_dataset(tmp_path / "odd", labelled=1, unlabelled=1, test=1, size=100).read_text())
+    write_demo_dataset(tmp_path / "odd", labelled=1, unlabelled=1, test=1, size=100)
     stored = json.loads((tiny_run[0] / "config.json").read_text())
-    stored["dataset"] = {
-        "labelled": [{k: str(tmp_path / "odd" / v) for k, v in pair.items()} for pair in split["labelled"]],
-        "unlabelled": [str(tmp_path / "odd" / path) for path in split["unlabelled"]],
-        "test": [{k: str(tmp_path / "odd" / v) for k, v in pair.items()} for pair in split["test"]],
-    }
+    stored["dataset"] = DatasetSpec.from_split(tmp_path / "odd").to_json()
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0] / "models", run / "models")
     (run / "config.json").write_text(json.dumps(stored))
