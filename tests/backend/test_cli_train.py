@@ -16,6 +16,7 @@ import torch
 from conftest import CLI, errors, run_cli
 from road_sslkd.data import road_prior
 from road_sslkd.evaluate import predict_raster, torch_infer
+from road_sslkd.pipeline import STAGE_NAMES
 from road_sslkd.runs import RunDir
 from road_sslkd.targets import decision_threshold
 from road_sslkd.trainer import build_context
@@ -196,6 +197,25 @@ def test_a_run_written_before_a_setting_keeps_its_earlier_behaviour(tiny_run, tm
     old = RunDir.open(tmp_path / "old").config
     assert old.teacher_tta is False  # its students learnt from one pass
     assert old.align_decision is True  # its models were scored at their aligned thresholds
+
+
+def test_bench_training_times_every_stage_of_a_run_and_leaves_its_models(tiny_run, run_main, tmp_path):
+    run, _ = tiny_run
+    before = {p.name: p.read_bytes() for p in (run / "models").iterdir()}
+    metrics = (run / "metrics.json").read_text()
+    out = tmp_path / "stages.md"
+    code, events = run_main("bench-training", "--run", str(run), "--out", str(out))
+    assert code == 0, errors(events)
+    seconds = next(e for e in events if e["event"] == "done")["stages"]
+    assert list(seconds) == list(STAGE_NAMES) and all(s > 0 for s in seconds.values())
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    # the tiny preset's steps per stage: 6 per teacher and student, 4 for the cross-model stage
+    assert {r[0].strip(): int(r[3]) for r in rows} == {n: 4 if n == "teachers_ssl" else 6 for n in STAGE_NAMES}
+    assert all(float(r[2]) > 0 for r in rows)  # CPU seconds
+    assert {p.name: p.read_bytes() for p in (run / "models").iterdir()} == before
+    assert (run / "metrics.json").read_text() == metrics
+    code, events = run_main("bench-training", "--run", str(tmp_path), "--out", str(tmp_path / "x.md"))
+    assert code != 0 and not (tmp_path / "x.md").exists()
 
 
 def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):

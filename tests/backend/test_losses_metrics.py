@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from road_sslkd import losses
 from road_sslkd.metrics import RoadMetrics
@@ -65,6 +66,22 @@ def test_feature_distill_resizes_and_normalises():
     student[:, 1] = 5.0  # unit vector (0, 1): squared distance 2 per pixel
     assert losses.feature_distill(student, teacher).item() == pytest.approx(2.0)
     assert losses.feature_distill(teacher * 7, teacher).item() == pytest.approx(0.0)
+
+
+def test_feature_distill_matches_its_definition_for_nhwc_students():
+    """The trainer's student features are NHWC and the cached teacher's NCHW; value and gradient must be those
+    of the MSE of F.normalize'd vectors, per pixel."""
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    teacher = torch.randn(2, 5, 6, 6)
+    teacher[0, :, 0, 0] = 0.0  # a pixel without features must not give NaN
+    got = losses.feature_distill(student, teacher)
+    got.backward()
+    reference = student.detach().clone().requires_grad_()
+    want = ((F.normalize(reference, dim=1) - F.normalize(teacher, dim=1)) ** 2).sum() / (2 * 6 * 6)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(student.grad, reference.grad, atol=1e-6)
 
 
 def test_road_metrics_by_hand():

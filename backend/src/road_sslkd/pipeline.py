@@ -32,7 +32,7 @@ from .targets import decision_threshold
 from .trainer import Context, Stage, build_context, pick_device, run_stage, seed_everything
 
 
-def _stages() -> dict[str, Callable[[Context], Stage]]:
+def stage_factories() -> dict[str, Callable[[Context], Stage]]:
     from .baselines import UniMatchStage
     from .distillation import DistillStage
     from .teachers import CrossModelStage, SupervisedStage
@@ -77,7 +77,7 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
         run.dataset.unlabelled = [p.image for p in run.dataset.labelled]
         run.save()
     ctx = build_context(run, device)
-    factories = _stages()
+    factories = stage_factories()
     test_items = LabelledSet(run.dataset.test, cfg.bands, cfg.label_width).items if run.dataset.test else []
     for index, name in enumerate(cfg.stages):
         if distributed.any_rank(stop_requested()):
