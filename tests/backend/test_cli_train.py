@@ -216,6 +216,12 @@ def test_bench_training_times_every_stage_of_a_run_and_leaves_its_models(tiny_ru
     assert (run / "metrics.json").read_text() == metrics
     code, events = run_main("bench-training", "--run", str(tmp_path), "--out", str(tmp_path / "x.md"))
     assert code != 0 and not (tmp_path / "x.md").exists()
+    partial = tmp_path / "partial"  # a run whose KD student has no teacher to learn from
+    shutil.copytree(run, partial, copy_function=os.link)
+    (partial / "models" / "teacher_b.pt").unlink()
+    code, events = run_main("bench-training", "--run", str(partial), "--stages", "student_kd", "--out",
+                            str(tmp_path / "y.md"))
+    assert code != 0 and "teacher_b" in errors(events)[0]["message"]
 
 
 def test_ablation_retrains_only_the_student(tiny_run, run_main, tmp_path):

@@ -29,7 +29,7 @@ from .bench import machine
 from .config import make_config
 from .losses import seg_loss
 from .models import Architecture, SegModel, build_model, count_parameters
-from .pipeline import STAGE_NAMES, stage_factories, teachers_of
+from .pipeline import STAGE_NAMES, stage_factories
 from .runs import RunDir
 from .trainer import Context, batch_to, build_context, pick_device
 
@@ -75,24 +75,12 @@ def step_seconds(spec: str, dtype: Optional[torch.dtype], batch: int, crop: int,
     return statistics.median(times[2:])
 
 
-def _required(ctx: Context, name: str) -> tuple[str, ...]:
-    """The trained models a stage reads (its teachers)."""
-    cfg = ctx.config
-    if name == "teachers_ssl":
-        return "teacher_a", "teacher_b"
-    return teachers_of(cfg, name) if name in ("student_kd", "student_sslkd") else ()
-
-
 def stage_step_seconds(ctx: Context, name: str, steps: int = STAGE_STEPS) -> tuple[float, float, int]:
     """Median wall and CPU seconds of one optimiser step of stage ``name`` of the run behind ``ctx``, and the
     steps the run's config gives the stage. A step is its batches (cached teacher outputs attached, computed
     first if the run lacks them), losses, backward and AdamW, in the trainer's memory format and precision.
     CPU seconds (this process, every thread) are what a step costs when benchmark seeds share the cores, and
     vary less on a shared machine. Nothing in the run changes but that cache."""
-    missing = [m for m in _required(ctx, name) if not ctx.run.has_model(m)]
-    if missing:
-        raise events.UserError(f"{ctx.run.path} has no {', '.join(missing)}, which {name} learns from",
-                               f"train them first (road-sslkd train --resume {ctx.run.path} --stages ...)")
     torch.manual_seed(0)
     stage = stage_factories()[name](ctx)
     stage.progress = 0.5  # past any ramp-up: every loss term is computed
@@ -193,7 +181,8 @@ def _run(args: argparse.Namespace) -> None:
         raise events.UserError(f"{args.out} exists", "pass --overwrite to replace the report")
     torch.set_num_threads(args.threads)
     if args.run is not None:
-        return _run_stages(args)
+        _run_stages(args)
+        return
     if args.stages:
         raise events.UserError("--stages needs --run", "name the run folder whose stages to time")
     dtype = torch.bfloat16 if precision.cpu_has_native_bf16() else None  # measured even where it does not pay
