@@ -19,7 +19,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import segmentation_models_pytorch as smp
 import torch
@@ -63,24 +63,35 @@ def step_seconds(spec: str, dtype: Optional[torch.dtype], batch: int, crop: int,
     image = torch.randn(batch, 3, crop, crop).to(memory_format=torch.channels_last)
     label = (torch.rand(batch, crop, crop) > 0.8).float()
     valid = torch.ones_like(label, dtype=torch.bool)
-    times = []
-    for _ in range(steps + 2):  # the first two steps allocate and pick kernels
-        start = time.perf_counter()
+
+    def step() -> None:
         with precision.autocast(device, dtype):
             loss = seg_loss(forward(image), label, valid)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+
+    return _median_seconds(step, steps)[0]
+
+
+def _median_seconds(step: Callable[[], None], steps: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``step`` over ``steps`` calls after two warm-up calls (the first steps
+    allocate and pick kernels). CPU seconds count every thread of this process."""
+    wall, cpu = [], []
+    for _ in range(steps + 2):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall[2:]), statistics.median(cpu[2:])
 
 
 def stage_step_seconds(ctx: Context, name: str, steps: int = STAGE_STEPS) -> tuple[float, float, int]:
     """Median wall and CPU seconds of one optimiser step of stage ``name`` of the run behind ``ctx``, and the
     steps the run's config gives the stage. A step is its batches (cached teacher outputs attached, computed
     first if the run lacks them), losses, backward and AdamW, in the trainer's memory format and precision.
-    CPU seconds (this process, every thread) are what a step costs when benchmark seeds share the cores, and
-    vary less on a shared machine. Nothing in the run changes but that cache."""
+    CPU seconds are what a step costs when benchmark seeds share the cores. Nothing in the run changes but
+    that cache."""
     torch.manual_seed(0)
     stage = stage_factories()[name](ctx)
     stage.progress = 0.5  # past any ramp-up: every loss term is computed
@@ -90,9 +101,9 @@ def stage_step_seconds(ctx: Context, name: str, steps: int = STAGE_STEPS) -> tup
     optimiser = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()], lr=1e-4)
     dtype = precision.amp_dtype(ctx.device, ctx.config.amp)
     labelled, unlabelled = stage.samplers()
-    cfg, times, cpu = ctx.config, [], []
-    for _ in range(steps + 2):  # the first two steps allocate and pick kernels
-        start, start_cpu = time.perf_counter(), time.process_time()
+    cfg = ctx.config
+
+    def step() -> None:
         lab = batch_to(labelled.sample(cfg.batch), ctx.device)
         unl = batch_to(unlabelled.sample(cfg.batch_unlabelled), ctx.device) if stage.uses_unlabelled else None
         with precision.autocast(ctx.device, dtype):
@@ -100,9 +111,8 @@ def stage_step_seconds(ctx: Context, name: str, steps: int = STAGE_STEPS) -> tup
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(times[2:]), statistics.median(cpu[2:]), cfg.stage_steps(stage.step_kind)
+
+    return *_median_seconds(step, steps), cfg.stage_steps(stage.step_kind)
 
 
 def _header(title: str, threads: int, what: str, command: str, steps: int = 5) -> list[str]:

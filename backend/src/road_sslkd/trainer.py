@@ -103,7 +103,7 @@ def batch_to(batch: Optional[dict[str, torch.Tensor]], device: torch.device) -> 
     if batch is None:
         return None
     # Only the networks' input goes NHWC (see run_stage): teacher maps and features in that layout cost a copy
-    # each, and slower flips and reductions in the losses (a fifth of an SSLKD step on 2 CPU cores).
+    # each per step and slower elementwise work in the losses (docs/method.md, "The `cpu` preset's budget").
     return {k: v.to(device, non_blocking=True,
                     memory_format=torch.channels_last if k == "image" else torch.preserve_format)
             for k, v in batch.items()}
