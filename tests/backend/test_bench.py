@@ -3,6 +3,7 @@
 import json
 
 from conftest import errors
+from road_sslkd import precision
 from road_sslkd.bench import claims
 
 REQUIRED = {"iou", "iou_std", "f1", "precision", "recall", "relaxed_f1", "params", "gflops", "mpx_per_s",
@@ -18,7 +19,12 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
                             "--work", str(work), "--seeds", "0,1", "--jobs", "2")
     assert code == 0, events[-1]
     assert [e["step"] for e in events if e["event"] == "progress" and e["stage"] == "bench"] == [1, 2]
+    # The parent (this process) decides the CPU precision once; every stage of every child trains in it.
+    bf16 = precision.cpu_bf16_pays()
     for seed in (0, 1):
+        stages = [line for line in (work / f"seed_{seed}" / "train.log").read_text().splitlines()
+                  if " steps on cpu" in line]
+        assert len(stages) == 7 and all(("bfloat16" in line) == bf16 for line in stages), stages
         child = [json.loads(line) for line in (work / f"seed_{seed}" / "train.jsonl").read_text().splitlines()]
         assert child[-1]["event"] == "done" and (work / f"seed_{seed}" / "student.onnx").is_file()
         # Prior alignment: pseudo-label thresholds follow the labelled road fraction, not a fixed 0.5.

@@ -46,6 +46,18 @@ def test_amp_dtype_off_means_float32():
     assert precision.amp_dtype(CPU) == (torch.bfloat16 if pays else None)
 
 
+def test_the_environment_overrides_the_probe(monkeypatch):
+    # road-sslkd bench decides once and passes the decision to its children this way.
+    try:
+        for value, dtype in (("1", torch.bfloat16), ("0", None)):
+            monkeypatch.setenv(precision.CPU_BF16_ENV, value)
+            precision.cpu_bf16_pays.cache_clear()
+            assert precision.amp_dtype(CPU) == dtype
+    finally:
+        monkeypatch.delenv(precision.CPU_BF16_ENV)
+        precision.cpu_bf16_pays.cache_clear()
+
+
 def test_the_bfloat16_probe_leaves_random_streams_alone():
     precision.cpu_bf16_pays.cache_clear()
     torch.manual_seed(5)

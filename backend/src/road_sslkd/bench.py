@@ -28,7 +28,7 @@ from .data import DatasetSpec
 from .evaluate import onnx_throughput
 from .export import export_run_model
 from .pipeline import QUALITY_KEYS, STAGE_NAMES, add_config_arguments, config_from_args, metrics_table, train
-from .precision import cpu_flags
+from .precision import CPU_BF16_ENV, cpu_bf16_pays, cpu_flags
 from .runs import RunDir, install_stop_handlers, stop_requested
 
 REPORT_MODELS = ("student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
@@ -122,7 +122,11 @@ def train_in_children(paths: list[Path], jobs: int, device: str) -> None:
     """``road-sslkd train --resume`` for each run folder, ``jobs`` at a time, the cores split between them;
     each child's events and log go to ``train.jsonl`` and ``train.log`` in its folder."""
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    # Probed once here, not by each child at its start, where the others' load could tip the probe and give
+    # the seeds different numerics.
+    bf16 = "1" if cpu_bf16_pays() else "0"
+    events.log.info("CPU training in %s for every seed", "bfloat16" if bf16 == "1" else "float32")
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, CPU_BF16_ENV: bf16}
     pending, running, done = list(paths), {}, 0
     try:
         while pending or running:
