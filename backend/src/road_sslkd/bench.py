@@ -125,7 +125,7 @@ def train_in_children(paths: list[Path], jobs: int, device: str) -> None:
     # Probed once here, not by each child at its start, where the others' load could tip the probe and give
     # the seeds different numerics.
     bf16 = "1" if cpu_bf16_pays() else "0"
-    events.log.info("CPU training in %s for every seed", "bfloat16" if bf16 == "1" else "float32")
+    events.log.info("on the CPU every seed trains in %s", "bfloat16" if bf16 == "1" else "float32")
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, CPU_BF16_ENV: bf16}
     pending, running, done = list(paths), {}, 0
     try:

@@ -164,11 +164,11 @@ def report_markdown(rows: list[tuple[str, int, float, Optional[float]]], command
 
 
 def _training_dtype() -> str:
-    if not precision.cpu_has_native_bf16():
-        return "float32 (no native bfloat16, which would only be emulated)"
     dtype = "float32" if precision.amp_dtype(torch.device("cpu")) is None else "bfloat16"
     if os.environ.get(precision.CPU_BF16_ENV) in ("0", "1"):
         return f"{dtype} (set by {precision.CPU_BF16_ENV})"
+    if not precision.cpu_has_native_bf16():
+        return "float32 (no native bfloat16, which would only be emulated)"
     if dtype == "float32":
         return "float32 (native bfloat16, but precision.cpu_bf16_pays found it no faster)"
     return "bfloat16 (precision.cpu_bf16_pays found it faster)"
