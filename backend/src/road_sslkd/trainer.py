@@ -92,7 +92,7 @@ class Stage:
         """Restore ``state()`` when a stage resumes."""
 
 
-def _lr(peak: float, warmup: int, step: int, total: int) -> float:
+def lr_at(peak: float, warmup: int, step: int, total: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -188,7 +188,7 @@ def run_stage(stage: Stage, ctx: Context) -> None:
             checkpoint(step)
             raise events.Cancelled(f"stopped during {stage.name} at step {step}/{total}; checkpoint saved")
         for group in optimiser.param_groups:
-            group["lr"] = _lr(cfg.lr * stage.lr_scale, cfg.warmup, step, total)
+            group["lr"] = lr_at(cfg.lr * stage.lr_scale, cfg.warmup, step, total)
         stage.progress = step / total
         optimiser.zero_grad(set_to_none=True)
         for micro in range(cfg.accumulate):  # gradients of the micro-batches add up to the batch's
