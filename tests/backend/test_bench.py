@@ -84,6 +84,30 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     assert evaluated == ["student_sslkd"]
 
 
+def test_bench_pretrains_once_for_every_network(run_main, tiny_dataset, tmp_path):
+    out, work = tmp_path / "report", tmp_path / "work"
+    code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
+                            "--work", str(work), "--pretrain")
+    assert code == 0, errors(events)
+    folder = (work / "pretrained").resolve()
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["weights"] == str(folder)
+    assert json.loads((work / "seed_0" / "config.json").read_text())["config"]["weights"] == str(folder)
+    record = json.loads((folder / "pretrain.json").read_text())
+    assert report["pretraining"]["steps"] == record["settings"]["steps"] == 4
+    assert record["command"] == report["command"] and "--pretrain" in record["command"]
+    # The labelled and unlabelled images are pretrained on, never the test split's.
+    split = json.loads((tiny_dataset / "split.json").read_text())
+    seen = {str((tiny_dataset / p).resolve()) for p in [x["image"] for x in split["labelled"]] + split["unlabelled"]}
+    assert set(record["settings"]["rasters"]) == seen
+    assert not seen & {str((tiny_dataset / x["image"]).resolve()) for x in split["test"]}
+    assert "encoders pretrained on the labelled and unlabelled images" in (out / "report.md").read_text()
+
+    code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
+                            "--work", str(work), "--pretrain", "--weights", "none", "--overwrite")
+    assert code == 2 and "--weights" in errors(events)[0]["message"]
+
+
 def test_bench_takes_seeds_not_seed(run_main, tiny_dataset, tmp_path):
     code, events = run_main("bench", "--data", str(tiny_dataset), "--seed", "3", "--out", str(tmp_path / "report"))
     assert code == 2 and errors(events)[0]["hint"] == "pass --seeds 3"

@@ -35,8 +35,7 @@ def test_loss_counts_hidden_valid_pixels_only():
 
 def test_pretrained_encoders_feed_training(run_main, tmp_path, tiny_dataset):
     out = tmp_path / "weights"
-    code, events = run_main("pretrain", "--data", str(tiny_dataset), "--preset", "tiny", "--steps", "4",
-                            "--batch", "2", "--out", str(out))
+    code, events = run_main("pretrain", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out))
     assert code == 0, errors(events)
     record = json.loads((out / "pretrain.json").read_text())
     # The tiny preset's teachers share resnet18; its student is mobilenet_v2: one file per encoder.
@@ -49,11 +48,10 @@ def test_pretrained_encoders_feed_training(run_main, tmp_path, tiny_dataset):
 
     # A second start keeps the finished encoders; other settings in the same folder are refused.
     before = (out / "resnet18.pth").stat().st_mtime_ns
-    code, events = run_main("pretrain", "--data", str(tiny_dataset), "--preset", "tiny", "--steps", "4",
-                            "--batch", "2", "--out", str(out))
+    code, events = run_main("pretrain", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out))
     assert code == 0 and (out / "resnet18.pth").stat().st_mtime_ns == before
-    code, events = run_main("pretrain", "--data", str(tiny_dataset), "--preset", "tiny", "--steps", "5",
-                            "--batch", "2", "--out", str(out))
+    code, events = run_main("pretrain", "--data", str(tiny_dataset), "--preset", "tiny", "--steps-scale", "1.5",
+                            "--out", str(out))
     assert code == 2 and "other settings" in errors(events)[0]["message"]
 
     code, events = run_main("train", "--data", str(tiny_dataset), "--preset", "tiny", "--weights", str(out),

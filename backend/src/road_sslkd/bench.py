@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from .evaluate import onnx_throughput
 from .export import export_run_model
 from .pipeline import QUALITY_KEYS, STAGE_NAMES, add_config_arguments, config_from_args, metrics_table, train
 from .precision import CPU_BF16_ENV, cpu_bf16_pays, cpu_flags
+from .pretrain import pretrain
 from .runs import RunDir, install_stop_handlers, stop_requested
 
 REPORT_MODELS = ("student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
@@ -217,6 +219,11 @@ def report_markdown(report: dict) -> str:
         + f", with {report['jobs']} seed(s) at a time.",
         "",
     ]
+    if report.get("pretraining"):
+        p = report["pretraining"]
+        lines += [f"Every network started from encoders pretrained on the labelled and unlabelled images by masked "
+                  f"inpainting ({p['steps']} steps per encoder, {p['minutes']:.0f} min, part of the wall time only "
+                  f"if this start ran them; they were made by `{p['command']}`).", ""]
     if len(report["seeds"]) > 1:
         lines += ["Road IoU per seed:", "", "| Model | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " |",
                   "|---|" + "---:|" * len(report["seeds"])]
@@ -271,6 +278,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, help="folder for the runs (default: runs/bench-DATASET-PRESET)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--pretrain", action="store_true",
+                   help="start every network from encoders pretrained on the split's labelled and unlabelled "
+                   "images (road-sslkd pretrain's defaults), kept in WORK/pretrained")
     p.add_argument("--jobs", type=int, default=1,
                    help="seeds trained at once in child processes, the CPU cores split between them (default 1)")
     add_config_arguments(p)
@@ -285,12 +295,23 @@ def _run(args: argparse.Namespace) -> None:
         raise events.UserError(f"{report_json} exists", "pass --overwrite to replace the report")
     if args.seed is not None:  # add_config_arguments offers it, but every benchmark seed comes from --seeds
         raise events.UserError("bench takes its seeds from --seeds, not --seed", f"pass --seeds {args.seed}")
+    if args.pretrain:
+        if args.weights is not None:
+            raise events.UserError("--pretrain and --weights both set the networks' first weights", "pass one")
+        args.weights = "none"  # the pretraining's own start; every network then starts from its folder
     cfg = config_from_args(args, stages=list(STAGE_NAMES))
     seeds = [int(s) for s in args.seeds.split(",")]
     dataset = args.data.resolve().name
     work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
     if args.jobs < 1:
         raise events.UserError(f"--jobs {args.jobs}", "give 1 or more processes")
+    pretraining = None
+    if args.pretrain:
+        folder = (work / "pretrained").resolve()
+        record = pretrain(DatasetSpec.from_split(args.data), cfg, folder, command=args.command_line)
+        pretraining = {"command": record["command"], "steps": record["settings"]["steps"],
+                       "minutes": round(sum(e["seconds"] for e in record["encoders"].values()) / 60, 1)}
+        cfg = replace(cfg, weights=str(folder))
     models, minutes, first_run = run_bench(args.data, cfg, seeds, work, cfg.device, args.command_line, args.jobs)
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out)
@@ -300,6 +321,7 @@ def _run(args: argparse.Namespace) -> None:
         "version": __version__, "date": datetime.date.today().isoformat(), "machine": machine(),
         "config": cfg.to_json(), "models": models, "figures": [p.name for p in pictures],
         "wall_seconds": round(time.monotonic() - start), "training_minutes": minutes, "jobs": args.jobs,
+        "pretraining": pretraining,
     }
     report_json.write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(report_markdown(report))

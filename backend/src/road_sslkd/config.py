@@ -33,8 +33,9 @@ class Config:
     # held-out labelled images (docs/benchmarks/cil_road_2016/): 300-step teachers scored 7.4 points below
     # 600-step ones (teacher_length.md); the SSLKD student gained 5.3-7.2 points at 1200 steps over 600, and
     # 2.1 more from a 300-step cross-model stage (cross_model_length.md). Every student gets the same steps.
+    # "pretrain": steps per encoder of `road-sslkd pretrain` (bench --pretrain), crops of a semi-supervised step.
     steps: dict[str, int] = field(
-        default_factory=lambda: {"teacher": 600, "teachers_ssl": 300, "student": 1200}
+        default_factory=lambda: {"teacher": 600, "teachers_ssl": 300, "student": 1200, "pretrain": 2000}
     )
     steps_scale: float = 1.0
     lr: float = 1e-3
@@ -94,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: the same code paths as the real presets, on test-sized networks.
     "tiny": dict(
         teacher_a="tiny-unet", teacher_b="tiny-fpn", student="tiny-student", weights="none",
-        crop=64, batch=2, batch_unlabelled=2, steps={"teacher": 6, "teachers_ssl": 4, "student": 6},
+        crop=64, batch=2, batch_unlabelled=2, steps={"teacher": 6, "teachers_ssl": 4, "student": 6, "pretrain": 4},
         warmup=2, tile=64, val_every=4, log_every=2, checkpoint_every=3,
     ),
     # The 2-core benchmark profile.
@@ -103,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(
         teacher_a="deeplabv3plus-resnet101", teacher_b="unet-vgg16", student_teachers=["a", "b"],
         crop=384, batch=16, batch_unlabelled=16,
-        steps={"teacher": 4000, "teachers_ssl": 8000, "student": 8000}, tile=512, val_every=500,
+        steps={"teacher": 4000, "teachers_ssl": 8000, "student": 8000, "pretrain": 8000}, tile=512, val_every=500,
         log_every=20, checkpoint_every=500, warmup=200,
     ),
 }

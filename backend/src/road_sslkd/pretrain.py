@@ -21,7 +21,7 @@ import torch
 
 from . import events, precision
 from .config import Config
-from .data import CropSampler, Normalizer, Raster, check_raster
+from .data import CropSampler, DatasetSpec, Normalizer, Raster, check_raster
 from .events import UserError
 from .models import REGISTRY
 from .pipeline import add_config_arguments, add_data_arguments, config_from_args, dataset_from_args
@@ -104,11 +104,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("pretrain", help="learn encoder weights from the dataset's own imagery "
                               "(self-supervised), for --weights")
     p.add_argument("--out", type=Path, required=True, help="folder for <encoder>.pth and pretrain.json")
-    p.add_argument("--steps", type=int, default=2000, help="steps per encoder (default 2000)")
-    p.add_argument("--batch", type=int, default=16, help="crops per step (default 16)")
     add_data_arguments(p)
     add_config_arguments(p)
     p.set_defaults(func=_run)
+
+
+def pretrain(spec: DatasetSpec, cfg: Config, out: Path, command: str = "") -> dict:
+    """Pretrain every encoder of ``cfg``'s networks on ``spec``'s labelled and unlabelled images (never its
+    test images) into ``out``; encoders a stopped start finished are kept. Returns pretrain.json's record."""
+    # As many crops per step as a semi-supervised training step sees.
+    steps, batch = cfg.stage_steps("pretrain"), cfg.batch + cfg.batch_unlabelled
+    paths = [p.image for p in spec.labelled] + list(spec.unlabelled)
+    if not paths:
+        raise UserError("no imagery", "pass --data DIR, or --unlabelled IMAGE ... and/or --labelled IMAGE:LABEL ...")
+    settings = {"steps": steps, "batch": batch, "crop": cfg.crop, "bands": cfg.bands, "seed": cfg.seed,
+                "patch": PATCH, "mask_ratio": MASK_RATIO, "rasters": sorted(str(Path(p).resolve()) for p in paths)}
+    record_path = out / "pretrain.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is not None and record["settings"] != settings:
+        raise UserError(f"{out} holds encoders pretrained with other settings or imagery",
+                        "pass another folder, or delete that one")
+    record = record or {"command": command, "settings": settings, "encoders": {}}
+    rasters = [Raster(p, cfg.bands) for p in paths]
+    for raster in rasters:
+        check_raster(raster)
+    normalizer = Normalizer.fit(rasters)  # what `train` fits on the same rasters
+    device = pick_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    for encoder, depth in encoders(cfg).items():
+        target = out / f"{encoder}.pth"
+        if target.exists() and encoder in record["encoders"]:
+            events.log.info("%s already pretrained in %s, kept", encoder, target)
+            continue
+        seed_everything(cfg.seed)
+        sampler = CropSampler(rasters, None, cfg.crop, normalizer, cfg.seed)  # the same crops whatever the order
+        events.log.info("pretraining %s: %d steps of %d crops of %d px", encoder, steps, batch, cfg.crop)
+        t0 = time.monotonic()
+        state, curve = pretrain_encoder(encoder, depth, sampler, cfg, steps, batch, device)
+        tmp = target.with_name(target.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(target)
+        record["encoders"][encoder] = {"seconds": round(time.monotonic() - t0, 1), "loss": curve}
+        record_path.write_text(json.dumps(record, indent=1))
+        events.artifact("weights", str(target))
+    return record
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -116,41 +155,5 @@ def _run(args: argparse.Namespace) -> None:
     if args.weights not in (None, "none"):
         raise UserError("pretrain starts from random initialisation", "leave out --weights")
     args.weights = "none"
-    if args.steps < 1 or args.batch < 1:
-        raise UserError(f"--steps {args.steps} --batch {args.batch}", "give positive numbers")
-    spec = dataset_from_args(args)
-    paths = [p.image for p in spec.labelled] + list(spec.unlabelled)
-    if not paths:
-        raise UserError("no imagery", "pass --data DIR, or --unlabelled IMAGE ... and/or --labelled IMAGE:LABEL ...")
-    cfg = config_from_args(args)
-    settings = {"steps": args.steps, "batch": args.batch, "crop": cfg.crop, "bands": cfg.bands, "seed": cfg.seed,
-                "patch": PATCH, "mask_ratio": MASK_RATIO, "rasters": sorted(str(Path(p).resolve()) for p in paths)}
-    record_path = args.out / "pretrain.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else None
-    if record is not None and record["settings"] != settings:
-        raise UserError(f"{args.out} holds encoders pretrained with other settings or imagery",
-                        "pass another --out folder, or delete that one")
-    record = record or {"command": args.command_line, "settings": settings, "encoders": {}}
-    rasters = [Raster(p, cfg.bands) for p in paths]
-    for raster in rasters:
-        check_raster(raster)
-    normalizer = Normalizer.fit(rasters)  # what `train` fits on the same rasters
-    device = pick_device(cfg.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for encoder, depth in encoders(cfg).items():
-        target = args.out / f"{encoder}.pth"
-        if target.exists() and encoder in record["encoders"]:
-            events.log.info("%s already pretrained in %s, kept", encoder, target)
-            continue
-        seed_everything(cfg.seed)
-        sampler = CropSampler(rasters, None, cfg.crop, normalizer, cfg.seed)  # the same crops whatever the order
-        events.log.info("pretraining %s: %d steps of %d crops of %d px", encoder, args.steps, args.batch, cfg.crop)
-        t0 = time.monotonic()
-        state, curve = pretrain_encoder(encoder, depth, sampler, cfg, args.steps, args.batch, device)
-        tmp = target.with_name(target.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(target)
-        record["encoders"][encoder] = {"seconds": round(time.monotonic() - t0, 1), "loss": curve}
-        record_path.write_text(json.dumps(record, indent=1))
-        events.artifact("weights", str(target))
+    pretrain(dataset_from_args(args), config_from_args(args), args.out, args.command_line)
     events.emit("done", weights=str(args.out))
