@@ -96,8 +96,9 @@ class TrainAlgorithm(RoadAlgorithm):
             "<b>Preset</b>: tiny (a few minutes, for trying it out), cpu (a 2-core machine), gpu (the paper's "
             "networks).<br>"
             "<b>Encoder weights</b> (optional): imagenet (the cpu and gpu presets' choice: downloaded, or "
-            "from the local cache), none, a weights file, or a folder with one file per encoder "
-            "(resnet34.pth, mobilenet_v2.pth...).<br>"
+            "from the local cache), none, pretrain (learnt first from the labelled and unlabelled rasters "
+            "themselves, self-supervised: better than none where imagenet cannot be downloaded, and longer), "
+            "a weights file, or a folder with one file per encoder (resnet34.pth, mobilenet_v2.pth...).<br>"
             "<b>Advanced</b>: random seed, bands, device (cuda for a GPU) and a JSON settings file "
             "overriding any preset setting (README, 'The command line').<br>"
             "<b>Run folder</b> must be new or empty. Cancel stops the backend after a checkpoint: "
@@ -139,8 +140,8 @@ class TrainAlgorithm(RoadAlgorithm):
             )
         )
         self.addParameter(
-            QgsProcessingParameterString(self.WEIGHTS, "Encoder weights (imagenet, none, a file or a folder)",
-                                         optional=True)
+            QgsProcessingParameterString(
+                self.WEIGHTS, "Encoder weights (imagenet, none, pretrain, a file or a folder)", optional=True)
         )
         for parameter in (
             QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Type.Integer,

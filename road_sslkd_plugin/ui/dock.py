@@ -411,11 +411,14 @@ class RoadSSLKDDock(QgsDockWidget):
         form.addRow("Compare", self.baselines)
         self.weights = QComboBox(self.advanced)
         self.weights.setEditable(True)
-        for text, data in (("backend default", ""), ("imagenet", "imagenet"), ("none", "none")):
+        for text, data in (("backend default", ""), ("imagenet", "imagenet"), ("none", "none"),
+                           ("pretrain on these layers", "pretrain")):
             self.weights.addItem(text, data)
         self.weights.setToolTip(
-            "Encoder weights: imagenet (downloaded, or from the local cache), none, a local file, or a folder "
-            "with one file per encoder (resnet34.pth, mobilenet_v2.pth...)")
+            "Encoder weights: imagenet (downloaded, or from the local cache), none, pretrain on these layers "
+            "(self-supervised, on the labelled and unlabelled layers: better than none where imagenet cannot "
+            "be downloaded, and longer), a local file, or a folder with one file per encoder (resnet34.pth, "
+            "mobilenet_v2.pth...)")
         self.weights.currentTextChanged.connect(self._schedule_save)
         form.addRow("Encoder weights", self.weights)
         self.bands = QLineEdit(self.advanced)

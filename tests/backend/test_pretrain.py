@@ -58,3 +58,20 @@ def test_pretrained_encoders_feed_training(run_main, tmp_path, tiny_dataset):
                             "--stages", "teacher_a", "--out", str(tmp_path / "run"))
     assert code == 0, errors(events)
     assert not [e for e in events if e["event"] == "warning" and "not in the file" in e.get("message", "")]
+
+
+def test_train_pretrains_its_own_encoders_first(run_main, tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    code, events = run_main("train", "--data", str(tiny_dataset), "--preset", "tiny", "--weights", "pretrain",
+                            "--stages", "teacher_a,student_supervised", "--out", str(run))
+    assert code == 0, errors(events)
+    stages = list(dict.fromkeys(e["stage"] for e in events if e["event"] == "progress"))
+    assert stages[:3] == ["pretrain_resnet18", "pretrain_mobilenet_v2", "teacher_a"]
+    # The setting becomes the folder: a resumed run starts from the same encoders without pretraining again.
+    folder = (run / "pretrained").resolve()
+    assert json.loads((run / "config.json").read_text())["config"]["weights"] == str(folder)
+    record = json.loads((folder / "pretrain.json").read_text())
+    assert sorted(record["encoders"]) == ["mobilenet_v2", "resnet18"] and "--weights pretrain" in record["command"]
+    code, events = run_main("train", "--resume", str(run), "--stages", "teacher_b")
+    assert code == 0, errors(events)
+    assert not [e for e in events if e["event"] == "progress" and e["stage"].startswith("pretrain")]

@@ -90,6 +90,8 @@ def test_settings_are_remembered_per_project_and_per_user(layers, make_dock, tmp
     dock.steps_scale.setValue(0.5)
     dock.output_folder.setFilePath(str(tmp_path / "runs"))
     dock.baselines.setChecked(True)
+    dock.weights.setCurrentIndex(dock.weights.findData("pretrain"))
+    assert dock.current_plan().weights == "pretrain"  # `train --weights pretrain`: encoders from these layers
     dock.save_settings()
     project_file = str(tmp_path / "project.qgz")
     assert QgsProject.instance().write(project_file)
@@ -106,6 +108,7 @@ def test_settings_are_remembered_per_project_and_per_user(layers, make_dock, tmp
         assert [layer.name() for layer in view.unlabelled.checked_layers()] == ["scene B"]
         assert view.preset.currentData() == "cpu" and view.steps_scale.value() == 0.5
         assert view.output_folder.filePath() == str(tmp_path / "runs") and view.baselines.isChecked()
+        assert view.current_plan().weights == "pretrain"
 
 
 def test_missing_backend_offers_set_up(layers, make_dock, tmp_path):

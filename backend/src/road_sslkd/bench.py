@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, events
-from .config import Config
+from .config import PRETRAIN, Config
 from .data import DatasetSpec
 from .evaluate import onnx_throughput
 from .export import export_run_model
@@ -295,6 +295,8 @@ def _run(args: argparse.Namespace) -> None:
         raise events.UserError(f"{report_json} exists", "pass --overwrite to replace the report")
     if args.seed is not None:  # add_config_arguments offers it, but every benchmark seed comes from --seeds
         raise events.UserError("bench takes its seeds from --seeds, not --seed", f"pass --seeds {args.seed}")
+    if args.weights == PRETRAIN:
+        raise events.UserError("bench pretrains once, for every seed, with --pretrain", "pass --pretrain instead")
     if args.pretrain:
         if args.weights is not None:
             raise events.UserError("--pretrain and --weights both set the networks' first weights", "pass one")

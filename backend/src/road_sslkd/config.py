@@ -21,7 +21,9 @@ class Config:
     teacher_a: str = "unet-resnet34"
     teacher_b: str = "linknet-resnet34"
     student: str = "linknet-mobilenet_v2"
-    weights: str = "imagenet"  # "imagenet", "none", a state-dict file or a folder of <encoder>.pth (models.py)
+    # "imagenet", "none", "pretrain" (pretrain.py, on the run's images), a state-dict file or a folder of
+    # <encoder>.pth (models.py)
+    weights: str = "imagenet"
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
     label_width: float = 6.0  # road width of vector line labels, in the image CRS's units
     crop: int = 128
@@ -89,6 +91,7 @@ class Config:
 
 
 CONFIDENCE = ("weight", "threshold", "none")
+PRETRAIN = "pretrain"  # the weights setting that pretrains the encoders on the run's own images first
 SSLKD_TEACHERS = {"ssl": "_ssl", "warmup": ""}  # sslkd_teachers -> the suffix of the teachers' model names
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from . import distributed, events
-from .config import SSLKD_TEACHERS, Config, make_config
+from .config import PRETRAIN, SSLKD_TEACHERS, Config, make_config
 from .data import DatasetSpec, LabelledSet
 from .evaluate import evaluate_model, onnx_throughput
 from .export import export_int8, export_run_model
@@ -76,6 +76,8 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
         events.warning("no unlabelled rasters given: the labelled images serve as the unlabelled pool")
         run.dataset.unlabelled = [p.image for p in run.dataset.labelled]
         run.save()
+    if cfg.weights == PRETRAIN:
+        _pretrain_encoders(run, command)
     ctx = build_context(run, device)
     factories = stage_factories()
     test_items = LabelledSet(run.dataset.test, cfg.bands, cfg.label_width).items if run.dataset.test else []
@@ -126,9 +128,21 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     return metrics
 
 
+def _pretrain_encoders(run: RunDir, command: str) -> None:
+    """The "pretrain" weights setting: encoders pretrained on the run's own labelled and unlabelled images
+    (pretrain.py) into RUN/pretrained, which then becomes the run's weights folder. A start stopped during the
+    pretraining keeps the setting, and the next start goes on with the encoders it had not finished."""
+    from .pretrain import pretrain
+
+    folder = run.path / "pretrained"
+    distributed.main_first(functools.partial(pretrain, run.dataset, run.config, folder, command))
+    run.config.weights = str(folder.resolve())
+    run.save()
+
+
 def check_weights(cfg: Config) -> None:
     """A weights file that does not fit a model of the run fails now, not after the stages before it."""
-    if cfg.weights in ("imagenet", "none") or Path(cfg.weights).is_dir():
+    if cfg.weights in ("imagenet", "none", PRETRAIN) or Path(cfg.weights).is_dir():
         return  # the hub, its cache and a folder fall back to random initialisation per model, with a warning
     archs = {arch for stage, arch in (("teacher_a", cfg.teacher_a), ("teacher_b", cfg.teacher_b))
              if stage in cfg.stages}
@@ -236,15 +250,16 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--bands", help="1-based bands to use, e.g. 1,2,3")
     p.add_argument("--label-width", type=float, help="road width for vector labels, in the image CRS's units")
-    p.add_argument("--weights", help="'imagenet', 'none', a local weights file, or a folder with one file "
-                   "per encoder (resnet34.pth, mobilenet_v2.pth...)")
+    p.add_argument("--weights", help="'imagenet', 'none', 'pretrain' (learn them first from the run's own "
+                   "images: road-sslkd pretrain), a local weights file, or a folder with one file per encoder "
+                   "(resnet34.pth, mobilenet_v2.pth...)")
     p.add_argument("--device", help="auto, cpu or cuda (default: auto; a resumed run keeps its own)")
 
 
 def config_from_args(args: argparse.Namespace, **extra: object) -> Config:
     bands = [int(b) for b in args.bands.split(",")] if args.bands else None
     weights = args.weights
-    if weights not in (None, "imagenet", "none"):
+    if weights not in (None, "imagenet", "none", PRETRAIN):
         weights = str(Path(weights).resolve())  # the run folder keeps it: a resume may start elsewhere
     cfg = make_config(args.preset, args.config, steps_scale=args.steps_scale, seed=args.seed, bands=bands,
                       label_width=args.label_width, weights=weights, device=args.device, **extra)
