@@ -114,7 +114,8 @@ def pretrain(spec: DatasetSpec, cfg: Config, out: Path, command: str = "") -> di
     test images) into ``out``; encoders a stopped start finished are kept. Returns pretrain.json's record."""
     # As many crops per step as a semi-supervised training step sees.
     steps, batch = cfg.stage_steps("pretrain"), cfg.batch + cfg.batch_unlabelled
-    paths = [p.image for p in spec.labelled] + list(spec.unlabelled)
+    # Each image once: a run without unlabelled rasters uses its labelled ones as the pool (pipeline.train).
+    paths = list(dict.fromkeys(Path(p) for p in [x.image for x in spec.labelled] + list(spec.unlabelled)))
     if not paths:
         raise UserError("no imagery", "pass --data DIR, or --unlabelled IMAGE ... and/or --labelled IMAGE:LABEL ...")
     settings = {"steps": steps, "batch": batch, "crop": cfg.crop, "bands": cfg.bands, "seed": cfg.seed,
