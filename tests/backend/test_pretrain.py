@@ -61,9 +61,10 @@ def test_pretrained_encoders_feed_training(run_main, tmp_path, tiny_dataset):
 
 
 def test_train_pretrains_its_own_encoders_first(run_main, tmp_path, tiny_dataset):
-    run = tmp_path / "run"
+    run, config = tmp_path / "run", tmp_path / "holdout.json"
+    config.write_text(json.dumps({"holdout": 1}))
     code, events = run_main("train", "--data", str(tiny_dataset), "--preset", "tiny", "--weights", "pretrain",
-                            "--stages", "teacher_a,student_supervised", "--out", str(run))
+                            "--config", str(config), "--stages", "teacher_a,student_supervised", "--out", str(run))
     assert code == 0, errors(events)
     stages = list(dict.fromkeys(e["stage"] for e in events if e["event"] == "progress"))
     assert stages[:3] == ["pretrain_resnet18", "pretrain_mobilenet_v2", "teacher_a"]
@@ -72,6 +73,10 @@ def test_train_pretrains_its_own_encoders_first(run_main, tmp_path, tiny_dataset
     assert json.loads((run / "config.json").read_text())["config"]["weights"] == str(folder)
     record = json.loads((folder / "pretrain.json").read_text())
     assert sorted(record["encoders"]) == ["mobilenet_v2", "resnet18"] and "--weights pretrain" in record["command"]
+    # The held-out image that validates the run is not pretrained on; the training ones are.
+    split = json.loads((tiny_dataset / "split.json").read_text())
+    held_out, trained = (str((tiny_dataset / p["image"]).resolve()) for p in split["labelled"][:2])
+    assert trained in record["settings"]["rasters"] and held_out not in record["settings"]["rasters"]
     code, events = run_main("train", "--resume", str(run), "--stages", "teacher_b")
     assert code == 0, errors(events)
     assert not [e for e in events if e["event"] == "progress" and e["stage"].startswith("pretrain")]

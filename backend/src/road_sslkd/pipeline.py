@@ -15,6 +15,7 @@ import argparse
 import functools
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +30,7 @@ from .models import build_model, count_parameters, gflops
 from .plots import PRAccumulator
 from .runs import RunDir, install_stop_handlers, stop_requested
 from .targets import decision_threshold
-from .trainer import Context, Stage, build_context, pick_device, run_stage, seed_everything
+from .trainer import Context, Stage, build_context, pick_device, run_stage, seed_everything, split_holdout
 
 
 def stage_factories() -> dict[str, Callable[[Context], Stage]]:
@@ -135,7 +136,9 @@ def _pretrain_encoders(run: RunDir, command: str) -> None:
     from .pretrain import pretrain
 
     folder = run.path / "pretrained"
-    distributed.main_first(functools.partial(pretrain, run.dataset, run.config, folder, command))
+    # Never on the images that validate the run: pixels seen in pretraining flatter their validation scores.
+    spec = replace(run.dataset, labelled=split_holdout(run.config, run.dataset)[0])
+    distributed.main_first(functools.partial(pretrain, spec, run.config, folder, command))
     run.config.weights = str(folder.resolve())
     run.save()
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import distributed, events, precision
 from .config import Config
-from .data import CropSampler, Label, LabelledSet, Normalizer, Raster
+from .data import CropSampler, DatasetSpec, Label, LabelledSet, Normalizer, Pair, Raster
 from .evaluate import evaluate_model
 from .models import SegModel
 from .runs import RunDir, stop_requested
@@ -229,13 +229,18 @@ def run_stage(stage: Stage, ctx: Context) -> None:
     distributed.barrier()  # later stages read these models from the run folder
 
 
+def split_holdout(cfg: Config, spec: DatasetSpec) -> tuple[list[Pair], list[Pair]]:
+    """The labelled pairs a run trains on and the first ``holdout`` ones it validates on (at least one trains)."""
+    holdout = min(cfg.holdout, len(spec.labelled) - 1)
+    return spec.labelled[holdout:], spec.labelled[:holdout]
+
+
 def build_context(run: RunDir, device: torch.device) -> Context:
     """Open the run's rasters, fit (or reuse) the normaliser, build samplers and the validation set."""
     cfg, spec = run.config, run.dataset
     if not spec.labelled:
         raise events.UserError("no labelled data", "give at least one --labelled IMAGE:LABEL pair or --data DIR")
-    holdout = min(cfg.holdout, len(spec.labelled) - 1)
-    train_pairs, val_pairs = spec.labelled[holdout:], spec.labelled[:holdout]
+    train_pairs, val_pairs = split_holdout(cfg, spec)
     labelled = LabelledSet(train_pairs, cfg.bands, cfg.label_width)
     labelled.require_roads()
     unlabelled = [Raster(p, cfg.bands) for p in spec.unlabelled]
