@@ -70,7 +70,7 @@ bench: setup
 	$(BACKEND_VENV)/bin/road-sslkd bench-training --out docs/benchmarks/training_speed.md --overwrite
 	QT_QPA_PLATFORM=offscreen $(QPY) scripts/bench_segment_extent.py --out docs/benchmarks/segment_extent.md
 	$(BACKEND_VENV)/bin/road-sslkd bench --data $(BENCH_DATA) --preset $(BENCH_PRESET) \
-	  --seeds $(BENCH_SEEDS) --jobs $(BENCH_JOBS) --pretrain --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
+	  --seeds $(BENCH_SEEDS) --jobs $(BENCH_JOBS) --out docs/benchmarks/$$(basename $(BENCH_DATA)) --overwrite
 	$(BACKEND_VENV)/bin/road-sslkd bench-training --overwrite --out docs/benchmarks/training_stages.md \
 	  --run runs/bench-$$(basename $(BENCH_DATA))-$(BENCH_PRESET)/seed_$$(echo $(BENCH_SEEDS) | cut -d, -f1)
 
