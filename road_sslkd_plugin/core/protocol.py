@@ -96,6 +96,8 @@ def stage_label(stage: Optional[str]) -> str:
     """Readable name of a backend stage ("teachers_ssl" -> "Cross-model SSL")."""
     if not stage:
         return ""
+    if stage.startswith("pretrain_"):  # one per encoder ("pretrain_resnet34"), weights "pretrain"
+        return f"Pretraining {stage.removeprefix('pretrain_')}"
     return STAGE_LABELS.get(stage, stage.replace("_", " ").capitalize())
 
 

@@ -258,9 +258,8 @@ class StageStrip(QWidget):
         self.update()
 
     def set_current(self, stage: str) -> None:
-        if stage not in self.stages:  # a stage we did not expect: put it before the export
-            insert_at = self.stages.index("export") if "export" in self.stages else len(self.stages)
-            self.stages.insert(insert_at, stage)
+        if stage not in self.stages:  # a stage we did not expect (pretraining, say) runs now: after the current one
+            self.stages.insert(self.stages.index(self.current) + 1 if self.current in self.stages else 0, stage)
         self.setToolTip(" → ".join(stage_label(s) for s in self.stages))
         if self.current and self.current != stage:
             self.done.add(self.current)

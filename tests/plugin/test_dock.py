@@ -13,7 +13,9 @@ from conftest import REPO, needs_backend, wait_until
 from road_sslkd_plugin.core import settings
 from road_sslkd_plugin.core.backend import BackendLocator
 from road_sslkd_plugin.core.layers import Pair
+from road_sslkd_plugin.core.protocol import stage_label
 from road_sslkd_plugin.ui.dock import RoadSSLKDDock
+from road_sslkd_plugin.ui.widgets import StageStrip
 
 
 @pytest.fixture
@@ -269,3 +271,12 @@ def test_chart_takes_metric_events(make_dock, tmp_path):
     assert dock.progress.value() == 2 and dock.progress.maximum() == 8
     assert dock.eta_label.text() == "1 min 15 s left" and dock.status_label.text() == "Teacher B · step 2 of 8"
     assert Path(dock.grab().save(str(tmp_path / "dock.png")) and tmp_path / "dock.png").is_file()
+
+
+def test_stage_strip_places_pretraining_first(qgis_iface):
+    strip = StageStrip()
+    for stage in ("pretrain_resnet34", "pretrain_mobilenet_v2", "teacher_a"):
+        strip.set_current(stage)
+    assert strip.stages[:3] == ["pretrain_resnet34", "pretrain_mobilenet_v2", "teacher_a"]
+    assert strip.stages[-1] == "export" and strip.done == {"pretrain_resnet34", "pretrain_mobilenet_v2"}
+    assert stage_label("pretrain_resnet34") == "Pretraining resnet34"
