@@ -192,11 +192,14 @@ def test_a_run_written_before_a_setting_keeps_its_earlier_behaviour(tiny_run, tm
     stored = json.loads((tiny_run[0] / "config.json").read_text())
     assert stored["config"].pop("teacher_tta") is True  # today's defaults
     assert stored["config"].pop("align_decision") is False
+    assert stored["config"]["steps"].pop("pretrain") == 4
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
     old = RunDir.open(tmp_path / "old").config
     assert old.teacher_tta is False  # its students learnt from one pass
     assert old.align_decision is True  # its models were scored at their aligned thresholds
+    assert old.to_json() == {**stored["config"], "teacher_tta": False, "align_decision": True,
+                             "steps": {**stored["config"]["steps"], "pretrain": 4}}  # a bench still reuses it
 
 
 def test_bench_training_times_every_stage_of_a_run_and_leaves_its_models(tiny_run, run_main, tmp_path):

@@ -155,4 +155,7 @@ PREDATED = {"teacher_tta": False, "align_decision": True}
 def stored_config(data: dict[str, Any], source: str) -> Config:
     """The config saved in a run folder; settings it predates keep their earlier behaviour (PREDATED)."""
     _known(data, source)
+    if "steps" in data:  # step kinds added later ("pretrain") get its preset's: no stage of such a run used them
+        preset = PRESETS.get(data.get("preset", ""), {})
+        data = {**data, "steps": {**preset.get("steps", Config().steps), **data["steps"]}}
     return Config(**{**PREDATED, **data})
