@@ -72,6 +72,10 @@ class Config:
     temperature: float = 2.0
     w_unsup_teacher: float = 1.0  # cross-model pseudo-label weight for the teachers
     teachers_ssl_lr_scale: float = 1.0  # the cross-model stage's peak learning rate, as a fraction of lr
+    # What each teacher learns from on unlabelled crops in the cross-model stage: "partner" (the other warm-up
+    # teacher's map, as in CPS) or "mean" (the pair's mean map, which each teacher then learns from alike;
+    # benchmarks/cil_road_2016/pair_mean_pseudo_labels.md).
+    teachers_ssl_targets: str = "partner"
     int8: bool = True  # also ship student.int8.onnx (faster, a third less memory) when within 1 IoU point
     tile: int = 256  # evaluation / inference tile
     overlap: int = 25  # percent of the tile
@@ -93,6 +97,7 @@ class Config:
 CONFIDENCE = ("weight", "threshold", "none")
 PRETRAIN = "pretrain"  # the weights setting that pretrains the encoders on the run's own images first
 SSLKD_TEACHERS = {"ssl": "_ssl", "warmup": ""}  # sslkd_teachers -> the suffix of the teachers' model names
+TEACHERS_SSL_TARGETS = ("partner", "mean")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: the same code paths as the real presets, on test-sized networks.
@@ -144,6 +149,9 @@ def make_config(preset: str, config_file: Path | None = None, **overrides: Any) 
     if cfg.sslkd_teachers not in SSLKD_TEACHERS:
         raise UserError(f"unknown sslkd_teachers '{cfg.sslkd_teachers}'",
                         f"choose one of: {', '.join(SSLKD_TEACHERS)}")
+    if cfg.teachers_ssl_targets not in TEACHERS_SSL_TARGETS:
+        raise UserError(f"unknown teachers_ssl_targets '{cfg.teachers_ssl_targets}'",
+                        f"choose one of: {', '.join(TEACHERS_SSL_TARGETS)}")
     return cfg
 
 

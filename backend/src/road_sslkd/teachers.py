@@ -73,9 +73,13 @@ class CrossModelStage(Stage):
         view = augment.strong_mix(augment.weak(unl))
         sup = sum(seg_loss(m(lab["image"]), lab["label"], lab["valid"]) for m in (self.a, self.b))
         cross = unl["image"].new_zeros(())
-        # targets[:, 0] is teacher a's output, targets[:, 1] teacher b's: each learns from the other.
+        # targets[:, 0] is teacher a's output, targets[:, 1] teacher b's: each learns from the other, or from
+        # their mean, whose confidence weight then falls where the two disagree.
+        maps = view["targets"]
+        if self.ctx.config.teachers_ssl_targets == "mean":
+            maps = maps.mean(dim=1, keepdim=True).expand_as(maps)
         for model, other in ((self.a, 1), (self.b, 0)):
-            target, weight = pseudo_label(view["targets"][:, other])
+            target, weight = pseudo_label(maps[:, other])
             cross = cross + seg_loss(model(view["image"]), target, view["valid"], weight)
         loss = sup + self.ctx.config.w_unsup_teacher * cross
         return {"loss": loss, "loss_sup": sup.detach(), "loss_cross": cross.detach()}
