@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import rasterio
 from rasterio.transform import from_origin
 
@@ -89,11 +90,13 @@ def test_unknown_setting_in_config_file(run_main, tmp_path, tiny_dataset):
     assert "valid:" in error["hint"]
 
 
-def test_unknown_choice_of_sslkd_teachers(run_main, tmp_path, tiny_dataset):
+@pytest.mark.parametrize("setting, choices", [("sslkd_teachers", "ssl, warmup"),
+                                              ("teachers_ssl_targets", "partner, mean")])
+def test_unknown_choice_of_teachers(run_main, tmp_path, tiny_dataset, setting, choices):
     cfg = tmp_path / "settings.json"
-    cfg.write_text(json.dumps({"sslkd_teachers": "supervised"}))
-    error = _fails(run_main, tmp_path, "--data", str(tiny_dataset), "--config", str(cfg), needle="sslkd_teachers")
-    assert "ssl, warmup" in error["hint"]
+    cfg.write_text(json.dumps({setting: "supervised"}))
+    error = _fails(run_main, tmp_path, "--data", str(tiny_dataset), "--config", str(cfg), needle=setting)
+    assert choices in error["hint"]
 
 
 def test_dataset_folder_without_split(run_main, tmp_path, tiny_dataset):

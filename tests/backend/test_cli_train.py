@@ -172,6 +172,20 @@ def test_cross_model_stage_learning_rate_scale(tiny_run, tiny_dataset, run_main,
     assert moved(default, "teacher_a") and moved(default, "teacher_b")
 
 
+@pytest.mark.parametrize("targets, learns", [("partner", True), ("mean", False)])
+def test_cross_model_targets_partner_or_mean(tiny_run, targets, learns):
+    """Teachers that disagree everywhere (a says road, b background) teach each other with the partner's map;
+    their mean is 0.5 everywhere, whose confidence weight is 0, so with it nothing is learnt from the pool."""
+    from road_sslkd.teachers import CrossModelStage
+
+    run = RunDir.open(tiny_run[0])
+    run.config = replace(run.config, teachers_ssl_targets=targets)
+    stage = CrossModelStage(build_context(run, torch.device("cpu")))
+    lab, unl = stage.ctx.labelled.sample(2), stage.unlabelled.sample(2)
+    unl["targets"][:, 0], unl["targets"][:, 1] = 1.0, 0.0
+    assert (stage.losses(lab, unl)["loss_cross"] > 0).item() == learns
+
+
 def test_a_baseline_added_later_leaves_the_runs_student(tiny_run, run_main, tmp_path):
     """`--resume RUN --stages student_supervised` trains the baseline; student.onnx stays the SSLKD student."""
     run = tmp_path / "run"
