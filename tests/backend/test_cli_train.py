@@ -99,7 +99,7 @@ def test_models_ship_at_one_half_or_at_the_threshold_that_calls_the_labelled_roa
         assert 0.0 < threshold < 1.0
         # On the model's own uint8 maps of the pool, at its threshold it calls at most the labelled share road;
         # one step lower, more.
-        infer = torch_infer(rd.load_model(name).eval(), ctx.device)  # float32, the run's tiles: as evaluated
+        infer = torch_infer(rd.load_model(name), ctx.device)  # float32, the run's tiles: as evaluated
         stored = []
         for raster in ctx.unlabelled.rasters:
             prob, valid = predict_raster(infer, raster, ctx.normalizer, rd.config.tile, rd.config.overlap)

@@ -18,9 +18,9 @@ from .precision import autocast
 
 def torch_infer(model: torch.nn.Module, device: torch.device,
                 dtype: Optional[torch.dtype] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """An engine ``infer`` function running a torch model (eval mode, no grad) and returning probabilities;
-    ``dtype`` runs it under autocast (precision.amp_dtype), None in float32 as evaluation does."""
-    model.to(memory_format=torch.channels_last)  # as in training: faster convolutions on GPUs and in oneDNN
+    """An engine ``infer`` function running a torch model (put in eval mode here, no grad) and returning
+    probabilities; ``dtype`` runs it under autocast (precision.amp_dtype), None in float32 as evaluation does."""
+    model.eval().to(memory_format=torch.channels_last)  # as in training: faster convolutions on GPUs and in oneDNN
 
     def infer(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad(), autocast(device, dtype):

@@ -54,7 +54,7 @@ def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster], tta: bool
     missing = [i for i, p in enumerate(paths) if not p.exists()]
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
-        model = ctx.run.load_model(model_name).to(ctx.device).eval()
+        model = ctx.run.load_model(model_name).to(ctx.device)
         infer = torch_infer(model, ctx.device, _dtype(ctx))
         infer = dihedral(infer) if tta else infer
         for done, i in enumerate(missing):
@@ -78,7 +78,7 @@ def teacher_features(ctx: Context, model_name: str, rasters: list[Raster],
     cached int8 (C, H/stride, W/stride) map of it per raster."""
     folder = ctx.run.path / "targets" / model_name / ("features" if layer == 0 else f"features_{layer}")
     paths = [folder / _file_name(r) for r in rasters]
-    model = ctx.run.load_model(model_name).to(ctx.device).eval()
+    model = ctx.run.load_model(model_name).to(ctx.device)
     channels, stride = model.feature_shape(layer, ctx.in_channels)
     missing = [i for i, p in enumerate(paths) if not p.exists()]
     if missing:
@@ -186,7 +186,7 @@ def decision_threshold(ctx: Context, model: SegModel) -> float:
     # Predicted as the evaluation and the ONNX model predict (float32, the run's tiles): an overconfident
     # student's probabilities crowd near 1, where bfloat16 or another window moves its threshold by points.
     was_training = model.training
-    infer = torch_infer(model.eval(), ctx.device)
+    infer = torch_infer(model, ctx.device)
     maps = []
     for raster in sample:
         prob, valid = predict_raster(infer, raster, ctx.normalizer, ctx.config.tile, ctx.config.overlap)
