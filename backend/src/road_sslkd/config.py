@@ -108,9 +108,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The 2-core benchmark profile.
     "cpu": dict(),
-    # The paper's architectures and its ensemble of both teachers, for a GPU (not measured here).
+    # The paper's architectures, cross-model targets and ensemble of both teachers, for a GPU (not measured here).
     "gpu": dict(
         teacher_a="deeplabv3plus-resnet101", teacher_b="unet-vgg16", student_teachers=["a", "b"],
+        teachers_ssl_targets="partner",
         crop=384, batch=16, batch_unlabelled=16,
         steps={"teacher": 4000, "teachers_ssl": 8000, "student": 8000, "pretrain": 8000}, tile=512, val_every=500,
         log_every=20, checkpoint_every=500, warmup=200,

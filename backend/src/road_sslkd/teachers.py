@@ -1,8 +1,9 @@
 """Teachers: supervised warm-up of each, then cross-model semi-supervised training of the pair.
 
-In the cross-model stage each teacher's hard pseudo-labels supervise the other teacher's prediction on a
-strong (CutMix + photometric) view of unlabelled crops, as in CPS but across two different architectures,
-whose different inductive biases make their errors less correlated than two copies of one network. The
+In the cross-model stage the warm-up teachers' hard pseudo-labels supervise both teachers' predictions on
+a strong (CutMix + photometric) view of unlabelled crops: the pair's mean map for both (the `cpu` default),
+or each teacher's map for the other as in CPS (the paper's, `teachers_ssl_targets` "partner"). Two different
+architectures make less correlated errors than two copies of one network. The
 pseudo-labels are the warm-up teachers' cached whole-raster predictions (targets.py): computed once, they
 cost no forward pass per step, which is what lets this stage run on a 2-core CPU. CPS's online pseudo-labels
 (each teacher's current prediction on the weak view) scored lower on held-out images (docs/method.md).
