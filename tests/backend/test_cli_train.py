@@ -206,13 +206,16 @@ def test_a_run_written_before_a_setting_keeps_its_earlier_behaviour(tiny_run, tm
     stored = json.loads((tiny_run[0] / "config.json").read_text())
     assert stored["config"].pop("teacher_tta") is True  # today's defaults
     assert stored["config"].pop("align_decision") is False
+    assert stored["config"].pop("teachers_ssl_targets") == "mean"
     assert stored["config"]["steps"].pop("pretrain") == 4
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
     old = RunDir.open(tmp_path / "old").config
     assert old.teacher_tta is False  # its students learnt from one pass
     assert old.align_decision is True  # its models were scored at their aligned thresholds
+    assert old.teachers_ssl_targets == "partner"  # its teachers learnt from each other's maps
     assert old.to_json() == {**stored["config"], "teacher_tta": False, "align_decision": True,
+                             "teachers_ssl_targets": "partner",
                              "steps": {**stored["config"]["steps"], "pretrain": 4}}  # a bench still reuses it
 
 
