@@ -78,7 +78,7 @@ def teacher_features(ctx: Context, model_name: str, rasters: list[Raster],
     cached int8 (C, H/stride, W/stride) map of it per raster."""
     folder = ctx.run.path / "targets" / model_name / ("features" if layer == 0 else f"features_{layer}")
     paths = [folder / _file_name(r) for r in rasters]
-    model = ctx.run.load_model(model_name).to(ctx.device)
+    model = ctx.run.load_model(model_name).to(ctx.device).eval()  # features are read without torch_infer
     channels, stride = model.feature_shape(layer, ctx.in_channels)
     missing = [i for i, p in enumerate(paths) if not p.exists()]
     if missing:
