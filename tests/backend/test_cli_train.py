@@ -186,6 +186,20 @@ def test_cross_model_targets_partner_or_mean(tiny_run, targets, learns):
     assert (stage.losses(lab, unl)["loss_cross"] > 0).item() == learns
 
 
+def test_cached_teacher_features_are_those_of_the_teacher_in_eval_mode(tiny_run):
+    """What L_feat matches is the teacher as it predicts: batch norm with its running statistics."""
+    from road_sslkd.targets import _raster_features, teacher_features
+
+    run = RunDir.open(tiny_run[0])
+    ctx = build_context(run, torch.device("cpu"))
+    name, raster = f"teacher_{run.config.student_teachers[0]}_ssl", ctx.unlabelled.rasters[0]
+    stride, cached = teacher_features(ctx, name, [raster])
+    model = run.load_model(name).eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # train mode would differ
+    channels, _ = model.feature_shape(0, ctx.in_channels)
+    np.testing.assert_array_equal(cached[0], _raster_features(model, raster, ctx, channels, stride))
+
+
 def test_a_baseline_added_later_leaves_the_runs_student(tiny_run, run_main, tmp_path):
     """`--resume RUN --stages student_supervised` trains the baseline; student.onnx stays the SSLKD student."""
     run = tmp_path / "run"

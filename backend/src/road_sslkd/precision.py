@@ -60,9 +60,10 @@ def cpu_bf16_pays() -> bool:
 
     def seconds(dtype: Optional[torch.dtype]) -> float:
         start = time.perf_counter()
-        with autocast(torch.device("cpu"), dtype):
-            out = block(image)
-        out.float().square().mean().backward()
+        with torch.enable_grad():  # callers may first ask under no_grad
+            with autocast(torch.device("cpu"), dtype):
+                out = block(image)
+            out.float().square().mean().backward()
         return time.perf_counter() - start
 
     # Other processes on the cores only ever add time, so the fastest of interleaved repeats compares the
