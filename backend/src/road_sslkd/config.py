@@ -26,6 +26,8 @@ class Config:
     weights: str = "imagenet"
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
     label_width: float = 6.0  # road width of vector line labels, in the image CRS's units
+    # 2 crops of 256 px (same pixels) scored lower for every model on validation folds: batch diversity over
+    # context (docs/benchmarks/cil_road_2016/crop_context.md)
     crop: int = 128
     batch: int = 8
     batch_unlabelled: int = 8
