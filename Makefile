@@ -19,6 +19,8 @@ BENCH_PRESET ?= cpu
 BENCH_SEEDS ?= 0,1,2
 # Seeds trained at once (child processes, one thread each when there are fewer cores than jobs).
 BENCH_JOBS ?= 3
+# The CUDA build of torch is ~5.5 GB in the venv; a second copy in pip's cache can fill a small CI disk.
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: setup qgis test lint test-backend test-plugin demo bench zip clean
 
