@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from road_sslkd import losses
+from road_sslkd.baselines import SelfTrainingGate
 from road_sslkd.metrics import RoadMetrics
 from road_sslkd.plots import PRAccumulator
 
@@ -46,6 +47,30 @@ def test_quantile_threshold_leaves_the_asked_fraction_above():
     prob = torch.arange(100, dtype=torch.float32) / 100  # 0.00 ... 0.99
     assert losses.quantile_threshold(prob, 0.2) == pytest.approx(0.79)  # 0.80 ... 0.99 lie above
     assert losses.quantile_threshold(torch.ones(10), 0.2) == pytest.approx(1 - 1e-3)
+
+
+def test_margin_over_all_road_by_hand():
+    # 8 valid pixels, 2 of them road (share 0.25); the last pixel is nodata and says road in both
+    label = torch.tensor([[1.0, 1.0, 0, 0, 0, 0, 0, 0, 1.0]])
+    valid = torch.tensor([[True] * 8 + [False]])
+
+    def margin(pred: list[int]) -> float:
+        return losses.margin_over_all_road(torch.tensor([pred]) * 10.0 - 5.0, label, valid)
+
+    assert margin([0] * 9) == pytest.approx(-0.25)  # no road predicted
+    assert margin([1] * 9) == pytest.approx(0.0)  # all road: the trivial prediction itself
+    assert margin([1, 0, 0, 0, 0, 0, 0, 0, 1]) == pytest.approx(0.5 - 0.25)
+    assert margin([1, 1, 1, 0, 0, 0, 0, 0, 0]) == pytest.approx(2 / 3 - 0.25)
+
+
+def test_self_training_gate_waits_for_a_positive_running_margin_then_ramps_up():
+    gate = SelfTrainingGate(margin=-0.25)
+    assert [gate.weight(-0.25, step / 100) for step in range(10)] == [0.0] * 10
+    # the running mean (momentum 0.9) of a margin of 0.3 passes 0 at its 6th update: 0.3 - 0.55 * 0.9 ** k > 0
+    weights = [gate.weight(0.3, step / 100) for step in range(10, 35)]
+    assert weights[:5] == [0.0] * 5 and gate.start == 0.15
+    assert weights[5] == pytest.approx(math.exp(-5)) and 0 < weights[-1] < 1
+    assert gate.weight(-1.0, 0.35) == 1.0  # once open it stays open; the ramp spans a fifth of the stage
 
 
 def test_prob_distill_is_zero_for_identical_and_matches_bernoulli_kl():

@@ -75,6 +75,20 @@ def quantile_threshold(prob: torch.Tensor, fraction: float) -> float:
     return float(values.kthvalue(k).values.clamp(1e-3, 1 - 1e-3))
 
 
+def margin_over_all_road(logits: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> float:
+    """Road IoU at 0.5 minus that of calling every valid pixel road (the batch's road share).
+
+    Positive once a network beats the trivial all-road prediction; a network that predicts no road scores
+    minus the road share.
+    """
+    valid = valid.bool()
+    pred = (logits.reshape(label.shape) > 0) & valid
+    road = (label > 0.5) & valid
+    union = (pred | road).sum().clamp_min(1)
+    share = road.sum() / valid.sum().clamp_min(1)
+    return float((pred & road).sum() / union - share)
+
+
 def prob_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor,
                  temperature: float) -> torch.Tensor:
     """Binary KL(teacher || student) of temperature-softened probabilities, scaled by T^2 (Hinton)."""
