@@ -373,3 +373,19 @@ def test_int8_export_calibrates_on_rasters_whose_sides_are_not_multiples_of_32(t
     code, events = run_main("export", str(run), "--out", str(tmp_path / "student.onnx"), "--int8")
     assert code == 0, errors(events)
     assert {e["name"] for e in events if e["event"] == "metric"} == {"iou_fp32", "iou_int8"}
+
+
+def test_the_self_training_gate_holds_the_baselines_unsupervised_terms_only_when_asked(tiny_dataset, run_main,
+                                                                                        tmp_path):
+    weights = {}
+    for gate in (False, True):
+        config = tmp_path / f"gate_{gate}.json"
+        config.write_text(json.dumps({"ssl_gate": gate}))
+        code, events = run_main("train", "--data", str(tiny_dataset), "--preset", "tiny", "--out",
+                                str(tmp_path / f"run_{gate}"), "--config", str(config), "--stages", "student_ssl")
+        assert code == 0, errors(events)
+        weights[gate] = [e["value"] for e in events if e["event"] == "metric" and e["name"] == "unsup_weight"]
+    assert len(weights[False]) == len(weights[True]) == 3
+    assert 0 < weights[False][0] < weights[False][-1] == 1.0  # the plain ramp starts at once
+    # a student from random initialisation cannot beat the all-road prediction in its first two steps
+    assert weights[True][0] == 0.0

@@ -7,9 +7,9 @@ With ``align_prior`` its pseudo-labels get the same prior alignment as the SSLKD
 a running mean (momentum 0.95) of the quantile of each weak-view batch that leaves the labelled masks' road
 fraction above it, since its own predictions move as it trains.
 
-Its unsupervised terms wait for ``SelfTrainingGate``: on thin labels a student from random initialisation
-predicts no road for hundreds of steps, and its own pseudo-labels would teach it noise (docs/method.md,
-"The traditional semi-supervised baseline").
+With ``ssl_gate`` its unsupervised terms wait for ``SelfTrainingGate``: on thin labels a student from random
+initialisation predicts no road for hundreds of steps, and its own pseudo-labels would teach it noise
+(docs/method.md, "The traditional semi-supervised baseline").
 """
 
 from __future__ import annotations
@@ -54,14 +54,15 @@ class UniMatchStage(Stage):
         share = road_prior(ctx.labelled.labels)
         self.prior = share if ctx.config.align_prior else None
         self.threshold = 0.5
-        self.gate = SelfTrainingGate(margin=-share)  # as if the student predicted no road at first
+        # as if the student predicted no road at first
+        self.gate = SelfTrainingGate(margin=-share) if ctx.config.ssl_gate else None
 
     def state(self) -> dict:
-        return {"threshold": self.threshold, "gate": asdict(self.gate)}
+        return {"threshold": self.threshold, "gate": self.gate and asdict(self.gate)}
 
     def load_state(self, state: dict) -> None:
         self.threshold = state.get("threshold", self.threshold)
-        if "gate" in state:
+        if self.gate and state.get("gate"):
             self.gate = SelfTrainingGate(**state["gate"])
 
     def trainable(self) -> dict[str, torch.nn.Module]:
@@ -74,7 +75,10 @@ class UniMatchStage(Stage):
         lab, unl = augment.weak(lab), augment.weak(unl)
         logits = self.model(lab["image"])
         sup = seg_loss(logits, lab["label"], lab["valid"])
-        ramp = self.gate.weight(margin_over_all_road(logits.detach(), lab["label"], lab["valid"]), self.progress)
+        if self.gate:
+            ramp = self.gate.weight(margin_over_all_road(logits.detach(), lab["label"], lab["valid"]), self.progress)
+        else:
+            ramp = rampup(self.progress)
         weak_img, valid = unl["image"], unl["valid"]
         with torch.no_grad():
             prob = torch.sigmoid(self.model(weak_img))[:, 0]
