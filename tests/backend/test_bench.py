@@ -32,7 +32,7 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
         for key in (("student_ssl", "pseudo_threshold"), ("student_sslkd", "prior_threshold_unlabelled"),
                     ("student_sslkd", "prior_threshold_labelled"), ("student_kd", "prior_threshold_labelled")):
             assert 0 < metrics[key] < 1 and metrics[key] != 0.5, key
-        assert 0 <= metrics[("student_ssl", "unsup_weight")] <= 1  # the baseline's self-training gate (logged)
+        assert 0 <= metrics[("student_ssl", "unsup_weight")] <= 1  # the weight of its unsupervised terms (logged)
     report = json.loads((out / "report.json").read_text())
     assert {"dataset", "preset", "seeds", "command", "models"} <= set(report)
     assert report["seeds"] == [0, 1] and report["preset"] == "tiny"
