@@ -201,12 +201,16 @@ def test_cached_teacher_features_are_those_of_the_teacher_in_eval_mode(tiny_run)
 
 
 def test_a_baseline_added_later_leaves_the_runs_student(tiny_run, run_main, tmp_path):
-    """`--resume RUN --stages student_supervised` trains the baseline; student.onnx stays the SSLKD student."""
+    """`--resume RUN --stages ...,student_supervised` trains the baseline; student.onnx stays the SSLKD student."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)
-    code, events = run_main("train", "--resume", str(run), "--stages", "student_supervised", "--device", "cpu")
+    shutil.rmtree(run / "targets")  # deleted to save disk once the run finished
+    stages = "teachers_ssl,student_sslkd,student_supervised"
+    code, events = run_main("train", "--resume", str(run), "--stages", stages, "--device", "cpu")
     assert code == 0, errors(events)
     assert (run / "models" / "student_supervised.pt").is_file()
+    # finished stages are skipped before they are built, so their teachers' outputs are not cached again
+    assert not (run / "targets").exists()
     session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map["road_sslkd_model"] == "student_sslkd"
     # the device given on resume stays the run's: the dock's Resume passes none

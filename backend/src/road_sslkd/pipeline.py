@@ -22,22 +22,21 @@ from typing import Callable
 import numpy as np
 
 from . import distributed, events
+from .baselines import UniMatchStage
 from .config import PRETRAIN, SSLKD_TEACHERS, Config, make_config
 from .data import DatasetSpec, LabelledSet
+from .distillation import DistillStage
 from .evaluate import evaluate_model, onnx_throughput
 from .export import export_int8, export_run_model
 from .models import build_model, count_parameters, gflops
 from .plots import PRAccumulator
 from .runs import RunDir, install_stop_handlers, stop_requested
 from .targets import decision_threshold
+from .teachers import CrossModelStage, SupervisedStage
 from .trainer import Context, Stage, build_context, pick_device, run_stage, seed_everything, split_holdout
 
 
 def stage_factories() -> dict[str, Callable[[Context], Stage]]:
-    from .baselines import UniMatchStage
-    from .distillation import DistillStage
-    from .teachers import CrossModelStage, SupervisedStage
-
     return {
         "teacher_a": lambda c: SupervisedStage(c, "teacher_a", c.config.teacher_a),
         "teacher_b": lambda c: SupervisedStage(c, "teacher_b", c.config.teacher_b),
@@ -85,23 +84,27 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     for index, name in enumerate(cfg.stages):
         if distributed.any_rank(stop_requested()):
             raise events.Cancelled(f"stopped before {name}")
-        seed_everything(distributed.rank_seed(cfg.seed * 1000 + index))
-        # Rank 0 builds first: a stage may cache files in the run folder (teacher targets) that others read.
-        started = time.monotonic()
-        stage = distributed.main_first(functools.partial(factories[name], ctx))
-        setup = time.monotonic() - started  # mostly caching teacher outputs (targets.py), outside train_seconds
-        described = {n for n in stage.outputs() if run.has_model(n) and _described(run, n, bool(test_items))}
-        trained = not all(run.has_model(n) for n in stage.outputs())
-        if trained and distributed.is_main():
-            # Written before training and, like train_seconds, carried over from a start that left a checkpoint
-            # (whose cached maps this start reuses), so setup_seconds counts every start of a resumed stage.
-            resumed = run.checkpoint_path(stage.name).exists()
-            for out_name in stage.outputs():
-                earlier = run.metrics()["models"].get(out_name, {}).get("setup_seconds", 0.0) if resumed else 0.0
-                run.update_metrics(out_name, {"setup_seconds": round(earlier + setup, 1)})
-        run_stage(stage, ctx)
+        outputs = CrossModelStage.names if name == "teachers_ssl" else (name,)
+        described = {n for n in outputs if run.has_model(n) and _described(run, n, bool(test_items))}
+        if all(run.has_model(n) for n in outputs):
+            # Checked before building: building caches teacher outputs, perhaps deleted since to save disk.
+            events.log.info("stage %s already finished, skipped", name)
+        else:
+            seed_everything(distributed.rank_seed(cfg.seed * 1000 + index))
+            # Rank 0 builds first: a stage may cache files in the run folder (teacher targets) that others read.
+            started = time.monotonic()
+            stage = distributed.main_first(functools.partial(factories[name], ctx))
+            setup = time.monotonic() - started  # mostly caching teacher outputs (targets.py), outside train_seconds
+            if distributed.is_main():
+                # Written before training and, like train_seconds, carried over from a start that left a
+                # checkpoint (whose cached maps this start reuses), so setup_seconds counts every start.
+                resumed = run.checkpoint_path(name).exists()
+                for out_name in outputs:
+                    earlier = run.metrics()["models"].get(out_name, {}).get("setup_seconds", 0.0) if resumed else 0.0
+                    run.update_metrics(out_name, {"setup_seconds": round(earlier + setup, 1)})
+            run_stage(stage, ctx)
         if distributed.is_main():  # the others wait for rank 0 at the next stage (or at the end)
-            for out_name in (n for n in stage.outputs() if n not in described):
+            for out_name in (n for n in outputs if n not in described):
                 # The saved model: a stage finished in an earlier start holds only freshly built networks.
                 _describe(run, out_name, run.load_model(out_name).to(device), ctx, test_items)
     if not distributed.is_main():

@@ -52,13 +52,14 @@ class CrossModelStage(Stage):
     step_kind = "teachers_ssl"
     uses_unlabelled = True
 
-    def __init__(self, ctx: Context, first: str = "teacher_a", second: str = "teacher_b") -> None:
+    names = ("teacher_a_ssl", "teacher_b_ssl")
+
+    def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.a = ctx.run.load_model(first)
-        self.b = ctx.run.load_model(second)
-        self.names = (f"{first}_ssl", f"{second}_ssl")
+        self.a = ctx.run.load_model("teacher_a")
+        self.b = ctx.run.load_model("teacher_b")
         self.lr_scale = ctx.config.teachers_ssl_lr_scale  # it starts from trained networks
-        self.unlabelled = attach(ctx, (first, second), ctx.unlabelled)
+        self.unlabelled = attach(ctx, ("teacher_a", "teacher_b"), ctx.unlabelled)
 
     def samplers(self) -> tuple[CropSampler, Optional[CropSampler]]:
         return self.ctx.labelled, self.unlabelled
