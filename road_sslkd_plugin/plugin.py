@@ -11,8 +11,8 @@ from typing import Any, Optional
 from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon, QKeySequence
-from qgis.PyQt.QtWidgets import QAction
 
+from .compat import QAction
 from .resources import icon_path, segment_icon_path
 
 MENU = "&Road SSLKD"

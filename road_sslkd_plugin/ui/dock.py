@@ -19,7 +19,6 @@ from qgis.PyQt.QtCore import QSize, Qt, QTimer, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QBrush, QColor, QDesktopServices, QFont, QFontDatabase, QTextCursor
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
-    QAction,
     QApplication,
     QCheckBox,
     QComboBox,
@@ -48,6 +47,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ..compat import QAction
 from ..core import settings
 from ..core.backend import (
     SOURCE_NAMES,
