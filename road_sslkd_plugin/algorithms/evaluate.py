@@ -7,7 +7,6 @@ import os
 from typing import Any, Optional
 
 from qgis.core import (
-    QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -17,6 +16,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
+from ..compat import FOLDER_ONLY, SOURCE_MAP_LAYER, SOURCE_RASTER
 from ..core.results import model_label
 from .base import RoadAlgorithm
 from .train import _file_path
@@ -48,14 +48,14 @@ class EvaluateAlgorithm(RoadAlgorithm):
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
         self.addParameter(
-            QgsProcessingParameterFile(self.RUN, "Run folder", QgsProcessingParameterFile.Behavior.Folder)
+            QgsProcessingParameterFile(self.RUN, "Run folder", FOLDER_ONLY)
         )
         self.addParameter(
-            QgsProcessingParameterMultipleLayers(self.IMAGES, "Test images", QgsProcessing.TypeRaster, optional=True)
+            QgsProcessingParameterMultipleLayers(self.IMAGES, "Test images", SOURCE_RASTER, optional=True)
         )
         self.addParameter(
             QgsProcessingParameterMultipleLayers(
-                self.MASKS, "Test labels (same order)", QgsProcessing.TypeMapLayer, optional=True
+                self.MASKS, "Test labels (same order)", SOURCE_MAP_LAYER, optional=True
             )
         )
         self.addParameter(QgsProcessingParameterString(self.MODELS, "Models", optional=True))

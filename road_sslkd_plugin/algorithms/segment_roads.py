@@ -25,6 +25,7 @@ from qgis.core import (
     QgsRasterLayer,
 )
 
+from ..compat import FILE_ONLY, NUMBER_DOUBLE
 from ..core import segment, settings
 from .base import RoadAlgorithm
 
@@ -88,7 +89,7 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
         model = QgsProcessingParameterFile(
-            self.MODEL, "Road model (ONNX)", QgsProcessingParameterFile.Behavior.File, "onnx"
+            self.MODEL, "Road model (ONNX)", FILE_ONLY, "onnx"
         )
         chosen = settings.selected_model()
         if chosen:
@@ -101,7 +102,7 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         threshold = QgsProcessingParameterNumber(
             self.THRESHOLD,
             "Road threshold for the mask (default: the model's)",
-            QgsProcessingParameterNumber.Type.Double,
+            NUMBER_DOUBLE,
             optional=True,
             minValue=0.0,
             maxValue=1.0,

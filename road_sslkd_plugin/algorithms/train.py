@@ -11,8 +11,6 @@ import os
 from typing import Any, Optional
 
 from qgis.core import (
-    Qgis,
-    QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -27,6 +25,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
+from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, PARAMETER_ADVANCED, SOURCE_MAP_LAYER, SOURCE_RASTER
 from ..core.layers import describe
 from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
 from ..core.results import RunFolder
@@ -49,10 +48,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def _advanced(parameter: QgsProcessingParameterDefinition) -> QgsProcessingParameterDefinition:
-    """Shown under Advanced Parameters (the flag moved to ``Qgis.ProcessingParameterFlag`` in QGIS 3.36)."""
-    scoped = getattr(Qgis, "ProcessingParameterFlag", None)
-    flag = scoped.Advanced if scoped is not None else QgsProcessingParameterDefinition.Flag.FlagAdvanced
-    parameter.setFlags(parameter.flags() | flag)
+    """Shown under Advanced Parameters."""
+    parameter.setFlags(parameter.flags() | PARAMETER_ADVANCED)
     return parameter
 
 
@@ -108,16 +105,16 @@ class TrainAlgorithm(RoadAlgorithm):
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
         self.addParameter(
-            QgsProcessingParameterMultipleLayers(self.IMAGES, "Labelled images", QgsProcessing.TypeRaster)
+            QgsProcessingParameterMultipleLayers(self.IMAGES, "Labelled images", SOURCE_RASTER)
         )
         self.addParameter(
             QgsProcessingParameterMultipleLayers(
-                self.LABELS, "Labels (masks or road vectors, same order)", QgsProcessing.TypeMapLayer
+                self.LABELS, "Labels (masks or road vectors, same order)", SOURCE_MAP_LAYER
             )
         )
         self.addParameter(
             QgsProcessingParameterMultipleLayers(
-                self.UNLABELLED, "Unlabelled images", QgsProcessing.TypeRaster, optional=True
+                self.UNLABELLED, "Unlabelled images", SOURCE_RASTER, optional=True
             )
         )
         self.addParameter(QgsProcessingParameterEnum(self.PRESET, "Preset", list(PRESETS), defaultValue=1))
@@ -125,7 +122,7 @@ class TrainAlgorithm(RoadAlgorithm):
             QgsProcessingParameterNumber(
                 self.LABEL_WIDTH,
                 "Road width for line labels (units of the image's CRS)",
-                QgsProcessingParameterNumber.Type.Double,
+                NUMBER_DOUBLE,
                 optional=True,
                 minValue=0.0,
             )
@@ -134,7 +131,7 @@ class TrainAlgorithm(RoadAlgorithm):
             QgsProcessingParameterNumber(
                 self.STEPS_SCALE,
                 "Training length (steps scale)",
-                QgsProcessingParameterNumber.Type.Double,
+                NUMBER_DOUBLE,
                 defaultValue=1.0,
                 minValue=0.01,
             )
@@ -144,7 +141,7 @@ class TrainAlgorithm(RoadAlgorithm):
                 self.WEIGHTS, "Encoder weights (imagenet, none, pretrain, a file or a folder)", optional=True)
         )
         for parameter in (
-            QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Type.Integer,
+            QgsProcessingParameterNumber(self.SEED, "Random seed", NUMBER_INTEGER,
                                          optional=True, minValue=0),
             QgsProcessingParameterString(self.BANDS, "Bands (1-based; empty: 1,2,3)", optional=True),
             QgsProcessingParameterEnum(self.DEVICE, "Device", list(DEVICES), defaultValue=0),

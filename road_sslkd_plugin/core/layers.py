@@ -8,7 +8,9 @@ written to GeoPackage. Everything here runs on the main thread before the backen
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -16,11 +18,9 @@ from typing import Optional
 
 from osgeo import ogr
 from qgis.core import (
-    Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsMapLayer,
-    QgsMapLayerProxyModel,
     QgsProject,
     QgsProviderRegistry,
     QgsRasterFileWriter,
@@ -32,6 +32,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
+from ..compat import qgis_enum
 from .protocol import TrainRequest
 from .results import RunFolder
 
@@ -40,12 +41,9 @@ MAX_WEB_EXPORT_PIXELS = 8000  # per side: a web layer at street zoom over a coun
 
 
 def layer_filter(*names: str) -> object:
-    """Layer filter flags for QgsMapLayerComboBox, by name, on QGIS 3.22 (class enum) and >= 3.34 (Qgis)."""
-    enum = getattr(Qgis, "LayerFilter", None) or QgsMapLayerProxyModel.Filter
-    value = getattr(enum, names[0])
-    for name in names[1:]:
-        value = value | getattr(enum, name)
-    return value
+    """Layer filter flags for QgsMapLayerComboBox, by name (``Qgis.LayerFilter`` since QGIS 3.34)."""
+    flags = [qgis_enum(f"Qgis.LayerFilter.{name}", f"QgsMapLayerProxyModel.Filter.{name}") for name in names]
+    return functools.reduce(operator.or_, flags)
 
 
 def _is_raster(layer: QgsMapLayer) -> bool:

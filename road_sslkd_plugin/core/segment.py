@@ -29,6 +29,7 @@ from qgis.core import (
     QgsUnitTypes,
 )
 
+from ..compat import DISTANCE_METERS, DISTANCE_UNKNOWN, WKT_PREFERRED_GDAL
 from .backend import PLUGIN_DIR, backend_source_dir
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a canvas extent larger than this at the model's resolution: zoom in
@@ -113,9 +114,9 @@ def model_pixel_size(layer: QgsRasterLayer, resolution_cm: Optional[float]) -> t
     if not resolution_cm:
         return native
     units = layer.crs().mapUnits()
-    if units == QgsUnitTypes.DistanceUnit.DistanceUnknownUnit:
+    if units == DISTANCE_UNKNOWN:
         return native
-    size = resolution_cm / 100.0 * QgsUnitTypes.fromUnitToUnitFactor(QgsUnitTypes.DistanceUnit.DistanceMeters, units)
+    size = resolution_cm / 100.0 * QgsUnitTypes.fromUnitToUnitFactor(DISTANCE_METERS, units)
     if all(math.isclose(size, n, rel_tol=1e-3) for n in native):
         return native  # same resolution: read the pixels as they are, no resampling
     return size, size
@@ -278,7 +279,7 @@ def write_geotiff(path: str, values: Any, window: ReadWindow) -> str:
         if dataset is None:
             raise SegmentError(f"Cannot write {path}: {gdal.GetLastErrorMsg()}", "choose a writable output file")
         dataset.SetGeoTransform(window.geotransform())
-        dataset.SetProjection(window.crs.toWkt(QgsCoordinateReferenceSystem.WktVariant.WKT_PREFERRED_GDAL))
+        dataset.SetProjection(window.crs.toWkt(WKT_PREFERRED_GDAL))
         for index, plane in enumerate(data, 1):
             dataset.GetRasterBand(index).WriteArray(plane)
         if mask is not None and mask.any():

@@ -26,6 +26,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 from qgis.PyQt.QtWidgets import QFileDialog
 
+from ..compat import TASK_CAN_CANCEL
 from ..core import segment, settings
 
 GROUP = "Road SSLKD"
@@ -79,7 +80,7 @@ class SegmentTask(QgsTask):
     """Runs ``work(progress, cancelled)`` in QGIS's task manager; ``done(result or None, error)`` on the main thread."""
 
     def __init__(self, work: Work, description: str, done: Callable[[Any, str], None]) -> None:
-        super().__init__(description, QgsTask.Flag.CanCancel)
+        super().__init__(description, TASK_CAN_CANCEL)
         self.work, self.done = work, done
         self.result: Any = None
         self.error = ""

@@ -5,6 +5,8 @@ import ast
 import configparser
 import re
 
+import pytest
+
 from conftest import REPO
 from road_sslkd_plugin.core.backend import plugin_version
 
@@ -69,3 +71,19 @@ def test_plugin_sources_keep_to_what_qt6_accepts():
     assert len(sources) > 10
     problems = [p for path in sources for p in _qt6_problems(path)]
     assert not problems, "\n".join(problems)
+
+
+def test_moved_qgis_names_resolve_on_this_qgis():
+    from qgis.core import Qgis, QgsProcessing, QgsTask, QgsUnitTypes
+
+    from road_sslkd_plugin import compat
+
+    # On 3.22 every newer spelling is missing, so each value must come from its older path
+    assert compat.DISTANCE_METERS == QgsUnitTypes.DistanceMeters
+    assert compat.DISTANCE_UNKNOWN == QgsUnitTypes.DistanceUnknownUnit
+    assert compat.TASK_CAN_CANCEL == QgsTask.CanCancel
+    assert compat.SOURCE_RASTER == QgsProcessing.TypeRaster
+    assert compat.qgis_enum("Qgis.MessageLevel.Warning", "Qgis.NoSuchEnum.X") == Qgis.Warning  # newer first
+    assert compat.qgis_enum("Qgis.NoSuchEnum.X", "Qgis.MessageLevel.Warning") == Qgis.Warning
+    with pytest.raises(AttributeError, match="neither Qgis.NoSuchEnum.X nor Qgis.NoSuchEnum.Y"):
+        compat.qgis_enum("Qgis.NoSuchEnum.X", "Qgis.NoSuchEnum.Y")
