@@ -46,6 +46,15 @@ class PRAccumulator:
         return float(tp / max(tp + fp + fn, 1))
 
 
+def _save_chart(plt, fig, ax, out: Path) -> Path:  # noqa: ANN001 - matplotlib's objects
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(curves: dict[str, dict[str, list]], metric: str, out: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -56,12 +65,7 @@ def plot_curves(curves: dict[str, dict[str, list]], metric: str, out: Path) -> P
     ax.set_xlabel("step")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title("Road IoU during training" + (" (labelled training images)" if metric == "fit_iou" else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_chart(plt, fig, ax, out)
 
 
 def plot_pr(curves: dict[str, PRAccumulator], thresholds: dict[str, float], out: Path) -> Path:
@@ -78,12 +82,7 @@ def plot_pr(curves: dict[str, PRAccumulator], thresholds: dict[str, float], out:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_title("Road precision-recall, test split (dots: decision thresholds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_chart(plt, fig, ax, out)
 
 
 def plot_examples(images: list[np.ndarray], truths: list[np.ndarray], predictions: dict[str, list[np.ndarray]],
