@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import CLI, errors, run_cli
-from road_sslkd.data import road_prior
-from road_sslkd.evaluate import predict_raster, torch_infer
+from road_sslkd.data import LabelledSet, Pair, road_prior
+from road_sslkd.evaluate import evaluate_model, predict_raster, torch_infer
 from road_sslkd.pipeline import STAGE_NAMES
 from road_sslkd.runs import RunDir
 from road_sslkd.targets import decision_threshold
@@ -82,6 +82,44 @@ def test_evaluate_and_export_commands(tiny_run, tiny_dataset, run_main, tmp_path
     assert meta["road_sslkd_model"] == "teacher_a_ssl"
     code, events = run_main("export", str(run), "--model", "teacher_a_ssl", "--out", str(target))
     assert code == 2 and "--overwrite" in errors(events)[0]["hint"]
+
+
+def test_evaluate_tta_scores_the_mean_over_the_eight_views(tiny_run, run_main, tmp_path):
+    """`evaluate --tta`: a mirrored raster gets the mirrored probabilities, which a network alone does not give."""
+    import rasterio
+
+    run = RunDir.open(tiny_run[0])
+    pair = run.dataset.test[0]
+    tile = run.config.tile  # one tile, no padding: the views of both rasters are the same arrays
+    pairs = []
+    for name, mirror in (("plain", False), ("mirrored", True)):
+        paths = []
+        for kind, source in (("image", pair.image), ("mask", pair.label)):
+            with rasterio.open(source) as src:
+                pixels = src.read()[:, :tile, :tile]
+                profile = dict(driver="GTiff", width=tile, height=tile, count=src.count, dtype=pixels.dtype)
+            path = tmp_path / f"{name}_{kind}.tif"
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(pixels[..., ::-1] if mirror else pixels)
+            paths.append(path)
+        pairs.append(Pair(*paths))
+    items = LabelledSet(pairs, run.config.bands, run.config.label_width).items
+    model = run.load_model("teacher_b_ssl")
+
+    def probabilities(tta: bool) -> list[np.ndarray]:
+        seen = {}
+        evaluate_model(model, items, run.normalizer, tile, run.config.overlap, torch.device("cpu"),
+                       observe=lambda index, prob, road, known: seen.setdefault(index, prob.copy()), tta=tta)
+        return [seen[0], seen[1][:, ::-1]]
+
+    plain, mirrored = probabilities(tta=False)
+    assert np.abs(plain - mirrored).max() > 1e-3
+    plain, mirrored = probabilities(tta=True)
+    np.testing.assert_allclose(plain, mirrored, atol=1e-5)
+    code, events = run_main("evaluate", str(run.path), "--models", "teacher_b_ssl", "--tta",
+                            "--test", f"{pairs[0].image}:{pairs[0].label}")
+    assert code == 0, errors(events)
+    assert 0.0 <= events[-1]["results"]["teacher_b_ssl"]["iou"] <= 1.0
 
 
 def test_models_ship_at_one_half_or_at_the_threshold_that_calls_the_labelled_road_share_road(tiny_run):

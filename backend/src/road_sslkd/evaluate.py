@@ -11,7 +11,7 @@ import torch
 
 from . import events
 from .data import DatasetSpec, Label, LabelledSet, Normalizer, Raster
-from .engine import predict_tiled
+from .engine import dihedral, predict_tiled
 from .metrics import RoadMetrics
 from .precision import autocast
 
@@ -59,11 +59,15 @@ def evaluate_items(infer: Callable[[np.ndarray], np.ndarray], items: list[tuple[
 
 def evaluate_model(model: torch.nn.Module, items: list[tuple[Raster, Label]], normalizer: Normalizer,
                    tile: int, overlap_percent: int, device: torch.device,
-                   observe: Optional[Observer] = None, threshold: float = 0.5) -> RoadMetrics:
+                   observe: Optional[Observer] = None, threshold: float = 0.5, tta: bool = False) -> RoadMetrics:
+    """Road metrics of ``model`` on whole rasters; with ``tta`` its mean over the 8 flips and right-angle
+    rotations, as the cached teacher maps the students learn from (targets.py)."""
     was_training = model.training
     model.eval()
+    infer = torch_infer(model, device)
     try:
-        return evaluate_items(torch_infer(model, device), items, normalizer, tile, overlap_percent, threshold, observe)
+        return evaluate_items(dihedral(infer) if tta else infer, items, normalizer, tile, overlap_percent, threshold,
+                              observe)
     finally:
         model.train(was_training)
 
@@ -75,6 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default="", help="comma-separated model names (default: all in the run)")
     p.add_argument("--data", type=Path, help="dataset folder whose split.json 'test' entries are used")
     p.add_argument("--test", nargs="+", default=[], metavar="IMAGE:MASK", help="test pairs")
+    p.add_argument("--tta", action="store_true", help="score each model's mean over the 8 flips and right-angle "
+                   "rotations (test-time augmentation, 8x the time): what the students learn from a teacher")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_run)
 
@@ -97,7 +103,7 @@ def _run(args: argparse.Namespace) -> None:
         model = run.load_model(name).to(device)
         threshold = run.metrics()["models"].get(name, {}).get("threshold", 0.5)
         summary = evaluate_model(model, items, run.normalizer, run.config.tile, run.config.overlap, device,
-                                 threshold=threshold).summary()
+                                 threshold=threshold, tta=args.tta).summary()
         for key, value in summary.items():
             events.metric(key, value, stage=name)
         results[name] = summary
