@@ -153,6 +153,26 @@ def test_skeleton_paths_prune_short_spurs_only():
     assert sorted(len(p) for p in paths) == [9, 9, 15, 21]
 
 
+def test_tta_gives_a_mirrored_raster_the_mirrored_probabilities(tmp_path):
+    """--tta averages each tile over its 8 flips and rotations; the network alone is not mirror-symmetric."""
+    model = write_model(tmp_path / "m.onnx", tiny_net(), {**OURS, "resolution": None})  # tiles of 64 px
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    for name, data in (("plain", pixels), ("mirrored", np.ascontiguousarray(pixels[..., ::-1]))):
+        write_raster(tmp_path / f"{name}.tif", data)
+
+    def predicted(*flags: str) -> tuple[np.ndarray, np.ndarray]:
+        out = tmp_path / ("tta" if flags else "one_pass")
+        run_cli(model, tmp_path / "plain.tif", tmp_path / "mirrored.tif", "--out", out, "--threads", 1, *flags)
+        with rasterio.open(out / f"plain{predict.PROBABILITY_SUFFIX}") as a, \
+                rasterio.open(out / f"mirrored{predict.PROBABILITY_SUFFIX}") as b:
+            return a.read(1).astype(int), b.read(1)[:, ::-1].astype(int)
+
+    plain, mirrored = predicted()
+    assert np.abs(plain - mirrored).max() > 2
+    plain, mirrored = predicted("--tta")
+    assert np.abs(plain - mirrored).max() <= 1  # uint8 rounding of equal means summed in another order
+
+
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     model = write_model(tmp_path / "m.onnx", band_net(), IDENTITY)
     raster = write_raster(tmp_path / "r.tif", np.zeros((3, 40, 40), np.uint8))

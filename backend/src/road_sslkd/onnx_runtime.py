@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 import numpy as np
 import onnxruntime as ort
 
-from .engine import predict_strips
+from .engine import dihedral, predict_strips
 from .events import UserError
 
 DEFAULT_TILE = 512
@@ -356,14 +356,16 @@ class OnnxSegmenter:
         batch: int = 4,
         progress: Optional[Callable[[int, int], None]] = None,
         cancelled: Optional[Callable[[], bool]] = None,
+        tta: bool = False,
     ) -> bool:
         """Stream ``source`` through the model into ``sink``, in strips; False when ``cancelled`` said stop.
 
-        ``progress(done, total)`` counts tiles. The source must already be at the model's resolution.
+        ``progress(done, total)`` counts tiles. The source must already be at the model's resolution. With
+        ``tta`` each tile is the mean over its 8 flips and right-angle rotations (8 times the inference).
         """
         stream = _Stream(source, sink, self.info)
         return predict_strips(
-            stream.read, stream.write, source.height, source.width, self.infer,
+            stream.read, stream.write, source.height, source.width, dihedral(self.infer) if tta else self.infer,
             self.info.tile_size, self.info.overlap_px, batch, progress=progress, cancelled=cancelled,
         )
 
@@ -373,13 +375,14 @@ class OnnxSegmenter:
         batch: int = 4,
         progress: Optional[Callable[[int, int], None]] = None,
         cancelled: Optional[Callable[[], bool]] = None,
+        tta: bool = False,
     ) -> Optional[np.ma.MaskedArray]:
         """Road probability (H, W) uint8 0-255 for raw bands (C, H, W), masked where the input is nodata.
 
-        ``bands`` may be a masked array (nodata); None when cancelled.
+        ``bands`` may be a masked array (nodata); None when cancelled. ``tta`` as in ``predict_raster``.
         """
         sink = _ArraySink(*bands.shape[1:])
-        finished = self.predict_raster(_ArraySource(bands), sink, batch, progress, cancelled)
+        finished = self.predict_raster(_ArraySource(bands), sink, batch, progress, cancelled, tta)
         return sink.out if finished else None
 
 

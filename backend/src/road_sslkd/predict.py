@@ -139,11 +139,12 @@ def predict_file(
     batch: int = 4,
     progress: Optional[Callable[[int, int], None]] = None,
     cancelled: Optional[Callable[[], bool]] = None,
+    tta: bool = False,
 ) -> bool:
     """Write the road probability GeoTIFF of ``raster`` (uint8 0-255, the raster's grid); False if cancelled.
 
     Nodata (in every chosen band) becomes the output's per-dataset mask: every value 0-255 stays a
-    probability, and QGIS shows masked pixels as transparent.
+    probability, and QGIS shows masked pixels as transparent. ``tta``: the mean over 8 flips and rotations.
     """
     bands = bands or list(range(1, model.info.bands + 1))
     partial = _partial(out_path)
@@ -155,10 +156,10 @@ def predict_file(
                 with rasterio.open(partial, "w", **_probability_profile(_grid(src))) as dst:
                     sink = RasterioSink(dst, _has_nodata(src, bands))
                     source = RasterioSource(src, bands)
-                    finished = model.predict_raster(source, sink, batch, progress, cancelled)
+                    finished = model.predict_raster(source, sink, batch, progress, cancelled, tta)
             else:
                 finished = _predict_resampled(model, src, bands, model_grid, partial, batch, progress,
-                                              cancelled)
+                                              cancelled, tta)
             if finished:
                 os.replace(partial, out_path)
         finally:
@@ -175,6 +176,7 @@ def _predict_resampled(
     batch: int,
     progress: Optional[Callable[[int, int], None]],
     cancelled: Optional[Callable[[], bool]],
+    tta: bool,
 ) -> bool:
     """Predict on the model's grid into a scratch file beside the output, then warp it onto ``src``'s grid."""
     with tempfile.TemporaryDirectory(dir=partial.parent, prefix=".road-sslkd-") as scratch:
@@ -182,7 +184,7 @@ def _predict_resampled(
         with WarpedVRT(src, resampling=Resampling.bilinear, **grid) as vrt:
             with rasterio.open(model_grid, "w", **_probability_profile(grid)) as dst:
                 source, sink = RasterioSource(vrt, bands), RasterioSink(dst, False)
-                if not model.predict_raster(source, sink, batch, progress, cancelled):
+                if not model.predict_raster(source, sink, batch, progress, cancelled, tta):
                     return False
         masked = _has_nodata(src, bands)
         with rasterio.open(model_grid) as predicted, rasterio.open(
@@ -344,6 +346,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(metres; 20 px for rasters without CRS)")
     p.add_argument("--bands", help="1-based raster bands to feed the model, e.g. 1,2,3 (default: the first "
                    "N the model takes)")
+    p.add_argument("--tta", action="store_true", help="average each tile over its 8 flips and right-angle "
+                   "rotations (test-time augmentation): 8x the time, about 2 IoU points on the CIL benchmark")
     p.add_argument("--batch", type=_positive_int, default=4, help="tiles per inference call")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for onnxruntime (default: all cores, "
                    "shared among the workers)")
@@ -384,6 +388,7 @@ class Settings:
     batch: int
     threshold: float
     spur_length: float
+    tta: bool
 
 
 def _plan(args: argparse.Namespace, bands: list[int], needed: int) -> list[Job]:
@@ -415,7 +420,8 @@ def _predict_job(model: OnnxSegmenter, job: Job, settings: Settings, cancelled: 
         events.progress("predict", done, total, eta, raster=str(job.raster), raster_index=job.index,
                         rasters=job.count)
 
-    if not predict_file(model, job.raster, job.probability, settings.bands, settings.batch, progress, cancelled):
+    if not predict_file(model, job.raster, job.probability, settings.bands, settings.batch, progress, cancelled,
+                        settings.tta):
         return None
     events.artifact("probability", str(job.probability))
     output: dict[str, Any] = {"raster": str(job.raster), "probability": str(job.probability)}
@@ -501,7 +507,7 @@ def _run(args: argparse.Namespace) -> None:
         raise UserError(f"--threshold {threshold} is outside (0, 1)", hint="e.g. --threshold 0.5")
     bands = _parse_bands(args.bands, model.info.bands)
     jobs = _plan(args, bands, model.info.bands)
-    settings = Settings(bands, args.batch, threshold, args.spur_length)
+    settings = Settings(bands, args.batch, threshold, args.spur_length, args.tta)
     args.out.mkdir(parents=True, exist_ok=True)
     stop: list[bool] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
