@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from qgis.core import QgsProcessingAlgorithm
+from qgis.core import QgsProcessingAlgorithm, QgsProcessingParameterDefinition
 from qgis.PyQt.QtGui import QIcon
 
+from ..compat import PARAMETER_ADVANCED
 from ..resources import icon_path
+
+
+def advanced(parameter: QgsProcessingParameterDefinition) -> QgsProcessingParameterDefinition:
+    """Shown under Advanced Parameters."""
+    parameter.setFlags(parameter.flags() | PARAMETER_ADVANCED)
+    return parameter
 
 
 class RoadAlgorithm(QgsProcessingAlgorithm):

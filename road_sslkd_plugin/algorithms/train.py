@@ -16,7 +16,6 @@ from qgis.core import (
     QgsProcessingFeedback,
     QgsProcessingOutputFile,
     QgsProcessingOutputString,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
     QgsProcessingParameterFolderDestination,
@@ -25,11 +24,11 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, PARAMETER_ADVANCED, SOURCE_MAP_LAYER, SOURCE_RASTER
+from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_MAP_LAYER, SOURCE_RASTER
 from ..core.layers import describe
 from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
 from ..core.results import RunFolder
-from .base import RoadAlgorithm
+from .base import RoadAlgorithm, advanced
 
 
 def _file_path(layer: Any) -> str:
@@ -45,12 +44,6 @@ def _file_path(layer: Any) -> str:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def _advanced(parameter: QgsProcessingParameterDefinition) -> QgsProcessingParameterDefinition:
-    """Shown under Advanced Parameters."""
-    parameter.setFlags(parameter.flags() | PARAMETER_ADVANCED)
-    return parameter
 
 
 def _given(parameters: dict, name: str) -> bool:
@@ -148,7 +141,7 @@ class TrainAlgorithm(RoadAlgorithm):
             QgsProcessingParameterFile(self.CONFIG, "Settings file (JSON, overrides the preset)", optional=True,
                                        extension="json"),
         ):
-            self.addParameter(_advanced(parameter))
+            self.addParameter(advanced(parameter))
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT_FOLDER, "Run folder"))
         self.addOutput(QgsProcessingOutputFile(self.MODEL, "Student model (ONNX)"))
         self.addOutput(QgsProcessingOutputFile(self.REPORT, "Report (Markdown)"))

@@ -247,9 +247,11 @@ def predict(
     bands: Any,
     progress: Optional[Callable[[int, int], None]] = None,
     cancelled: Optional[Callable[[], bool]] = None,
+    tta: bool = False,
 ) -> Any:
-    """uint8 road probability (H, W), masked where nodata; None when cancelled."""
-    return model.predict_array(bands, batch=4, progress=progress, cancelled=cancelled)
+    """uint8 road probability (H, W), masked where nodata; None when cancelled. ``tta``: each tile's mean over
+    its 8 flips and right-angle rotations (8x the time)."""
+    return model.predict_array(bands, batch=4, progress=progress, cancelled=cancelled, tta=tta)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -316,6 +318,7 @@ def predict_with_backend(
     cancelled: Optional[Callable[[], bool]] = None,
     log: Optional[Callable[[str], None]] = None,
     warn: Optional[Callable[[str], None]] = None,
+    tta: bool = False,
 ) -> Optional[str]:
     """``road-sslkd predict`` (backend venv) on a GeoTIFF written by ``write_geotiff``, for a QGIS whose
     Python lacks onnxruntime. Blocking: call it from a worker thread. The probability file, None if cancelled.
@@ -328,7 +331,7 @@ def predict_with_backend(
         elif event.get("event") == "warning" and warn is not None:
             warn(str(event.get("message", "")))
 
-    args = ["predict", model_path, source, "--out", out_dir, "--overwrite"]
+    args = ["predict", model_path, source, "--out", out_dir, "--overwrite", *(["--tta"] if tta else [])]
     try:
         result = run_backend(args, on_event, log, cancelled)
     except (RuntimeError, OSError) as exc:

@@ -91,6 +91,15 @@ def test_segment_roads_writes_probability_and_mask(processing, data, tmp_path):
     assert layer.crs().authid() == "EPSG:32633" and layer.extent() == QgsRasterLayer(str(data["raster"]), "s").extent()
 
 
+def test_segment_roads_averages_eight_views_back_in_place(processing, data, tmp_path):
+    """TTA: each tile's 8 flips and rotations, each turned back; a per-pixel model must come out unchanged."""
+    out = tmp_path / "tta.tif"
+    processing.run("road_sslkd:segment_roads",
+                   {"INPUT": str(data["raster"]), "MODEL": str(data["model"]), "OUTPUT": str(out), "TTA": True})
+    expected = expected_probability(data["pixels"][0])
+    assert np.abs(_read(out)[10:, 10:].astype(int) - expected[10:, 10:]).max() <= 1
+
+
 def test_segment_roads_extent_in_another_crs(processing, data, tmp_path):
     out = tmp_path / "part.tif"
     # The scene's top-left quarter, given in WGS 84 (x_min, x_max, y_min, y_max [CRS]).
