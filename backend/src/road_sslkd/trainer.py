@@ -131,10 +131,7 @@ def rampup(progress: float, length: float = 0.2) -> float:
 
 def run_stage(stage: Stage, ctx: Context) -> None:
     """Train a stage to the end (resuming from its checkpoint), save its outputs and record timing."""
-    cfg, run = ctx.config, ctx.run
-    if all(run.has_model(name) for name in stage.outputs()):
-        events.log.info("stage %s already finished, skipped", stage.name)
-        return
+    cfg, run = ctx.config, ctx.run  # a finished stage is never built (pipeline.train skips it first)
     modules = stage.trainable()
     for module in modules.values():
         # NHWC convolutions are faster on tensor cores and in oneDNN on the CPU (most of all in bfloat16)
