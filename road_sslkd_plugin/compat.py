@@ -42,3 +42,4 @@ FILE_ONLY = qgis_enum("Qgis.ProcessingFileParameterBehavior.File", "QgsProcessin
 FOLDER_ONLY = qgis_enum("Qgis.ProcessingFileParameterBehavior.Folder", "QgsProcessingParameterFile.Behavior.Folder")
 PARAMETER_ADVANCED = qgis_enum("Qgis.ProcessingParameterFlag.Advanced",
                                "QgsProcessingParameterDefinition.Flag.FlagAdvanced")
+RASTER_SIZE = qgis_enum("Qgis.RasterInterfaceCapability.Size", "QgsRasterInterface.Capability.Size")

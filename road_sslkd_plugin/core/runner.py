@@ -17,6 +17,9 @@ from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyq
 from .protocol import RunOutcome, classify_exit, clean_environment, overall_fraction, parse_event_line
 
 CANCEL_GRACE_MS = 120_000  # time to write a checkpoint after SIGTERM before the process is killed
+# QProcess.terminate() is SIGTERM on Unix, but on Windows a WM_CLOSE that a console program never sees, and
+# PyQt cannot start the backend in its own process group for CTRL_BREAK: there Cancel stops it at once.
+GRACEFUL_CANCEL = os.name != "nt"
 
 
 class TrainingRunner(QObject):
@@ -26,15 +29,23 @@ class TrainingRunner(QObject):
     log = pyqtSignal(str, str)  # (line, level: "info", "warning", "error", "command")
     finished = pyqtSignal(object)
 
-    def __init__(self, parent: Optional[QObject] = None, task_manager: bool = True) -> None:
+    def __init__(
+        self, parent: Optional[QObject] = None, task_manager: bool = True, cancel_grace_ms: int = CANCEL_GRACE_MS
+    ) -> None:
         super().__init__(parent)
         self.process: Optional[QProcess] = None
         self.use_task_manager = task_manager
         self.task: Optional[QgsProxyProgressTask] = None
         self.run_dir: Optional[str] = None
+        # One timer, stopped whenever a process ends or starts: a pending kill never reaches a later run.
+        self._kill_timer = QTimer(self)
+        self._kill_timer.setSingleShot(True)
+        self._kill_timer.setInterval(cancel_grace_ms)
+        self._kill_timer.timeout.connect(self._kill_if_running)
         self._reset()
 
     def _reset(self) -> None:
+        self._kill_timer.stop()
         self._stdout = b""
         self._stderr = b""
         self.stderr_tail: deque[str] = deque(maxlen=30)
@@ -78,9 +89,13 @@ class TrainingRunner(QObject):
         if not self.is_running() or self.cancel_requested:
             return
         self.cancel_requested = True
+        if not GRACEFUL_CANCEL:
+            self.log.emit("Cancelling: stopping the backend; Resume continues from its last checkpoint.", "warning")
+            self.process.kill()
+            return
         self.log.emit("Cancelling: the backend writes a checkpoint, then stops…", "warning")
-        self.process.terminate()  # SIGTERM on Unix; WM_CLOSE on Windows, where the kill below is the fallback
-        QTimer.singleShot(CANCEL_GRACE_MS, self._kill_if_running)
+        self.process.terminate()
+        self._kill_timer.start()
 
     def stop_and_wait(self, timeout_ms: int = 15_000) -> None:
         """For plugin unload: cancel, wait a bit for the checkpoint, then kill; nothing left running."""
@@ -149,6 +164,7 @@ class TrainingRunner(QObject):
         self.finished.emit(outcome)
 
     def _finished(self, exit_code: int, exit_status: QProcess.ExitStatus) -> None:
+        self._kill_timer.stop()
         self._read_stdout()
         self._read_stderr()
         # A last line without a newline (a crash mid-write) still counts.

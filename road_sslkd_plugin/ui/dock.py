@@ -118,6 +118,13 @@ def default_output_folder() -> str:
     return str(settings.user_value("output_folder", fallback) or fallback)
 
 
+def absolute_folder(folder: str) -> str:
+    """A typed relative folder is relative to the project's folder (else the home folder), as QGIS paths are."""
+    folder = os.path.expanduser(folder)
+    base = QgsProject.instance().absolutePath() or os.path.expanduser("~")
+    return os.path.normpath(os.path.join(base, folder))
+
+
 def _section(title: str, hint: str = "", parent: Optional[QWidget] = None) -> tuple[QGroupBox, QVBoxLayout]:
     box = QGroupBox(title, parent)
     layout = QVBoxLayout(box)
@@ -201,8 +208,10 @@ class RoadSSLKDDock(QgsDockWidget):
         self.run_dir: Optional[str] = None
         self.last_outcome: Optional[RunOutcome] = None
         self._restoring = False
+        self._loading = False
         self._taken: dict[str, str] = {}
         self._started: Optional[float] = None
+        self._run_left_project = False  # another project was opened (or a new one begun) during the run
         self._save_timer = QTimer(self)
         self._save_timer.setSingleShot(True)
         self._save_timer.setInterval(400)
@@ -533,6 +542,7 @@ class RoadSSLKDDock(QgsDockWidget):
             (project.readProject, self.restore_settings),
             (project.cleared, self.restore_settings),
             (project.layersAdded, self._layers_changed),
+            (project.layerLoaded, self._project_loading),
             (project.layersRemoved, self._layers_changed),
         ]
         for signal, slot in pairs:
@@ -576,8 +586,14 @@ class RoadSSLKDDock(QgsDockWidget):
         self._taken = taken
         self.unlabelled.refresh(image_layers(), checked, taken)
 
+    def _project_loading(self, *_args: object) -> None:
+        # Layers arrive (and the event loop may run) before readProject restores the dock: a save in
+        # between would write the blank dock over the project's training setup.
+        self._loading = True
+        self._save_timer.stop()
+
     def _schedule_save(self, *_args: object) -> None:
-        if not self._restoring:
+        if not (self._restoring or self._loading):
             self._save_timer.start()
 
     def _preset_changed(self, *_args: object) -> None:
@@ -614,7 +630,7 @@ class RoadSSLKDDock(QgsDockWidget):
 
     def save_settings(self) -> None:
         """Write the dock's values to the project (and defaults for new projects to the user's settings)."""
-        if self._restoring:
+        if self._restoring or self._loading:
             return
 
         def pair_ids(pairs: list[Pair]) -> list[dict[str, str]]:
@@ -644,6 +660,9 @@ class RoadSSLKDDock(QgsDockWidget):
     def restore_settings(self, *_args: object) -> None:
         """Fill the dock from the current project's entries (user defaults where the project has none)."""
         project = QgsProject.instance()
+        running = self.runner.is_running()
+        self._run_left_project |= running
+        self._loading = False  # cleared (before a project's layers load) or readProject (after)
         self._restoring = True
         try:
 
@@ -691,13 +710,15 @@ class RoadSSLKDDock(QgsDockWidget):
             self.output_folder.lineEdit().setPlaceholderText(default_output_folder())
             self.run_name.setText(settings.project_value("run_name"))
             self.run_name.setPlaceholderText(f"automatic ({default_run_name()})")
-            self.run_dir = settings.project_value("last_run_dir") or None
+            if not running:  # the dock keeps showing the run in progress, whichever project is open
+                self.run_dir = settings.project_value("last_run_dir") or None
         finally:
             self._restoring = False
         self._preset_changed()
         self._inputs_changed()
         self._save_timer.stop()
-        self._show_last_run()
+        if not running:
+            self._show_last_run()
 
     def _show_last_run(self) -> None:
         state = settings.project_value("last_run_state")
@@ -712,6 +733,7 @@ class RoadSSLKDDock(QgsDockWidget):
             state in ("cancelled", "running")
             and bool(self.run_dir)
             and os.path.isdir(self.run_dir or "")
+            and not RunFolder(self.run_dir or "").finished()  # "running" is left when a run ends elsewhere
             and not self.runner.is_running()
         )
         self.resume_button.setVisible(resumable)
@@ -846,7 +868,7 @@ class RoadSSLKDDock(QgsDockWidget):
             labelled=self.labelled.pairs(),
             unlabelled=self.unlabelled.checked_layers(),
             test=self.test_pairs.pairs(),
-            output_folder=self.output_folder.filePath().strip() or default_output_folder(),
+            output_folder=absolute_folder(self.output_folder.filePath().strip() or default_output_folder()),
             run_name=self.run_name.text().strip(),
             label_width=self.label_width.value(),
             preset=self.preset.currentData(),
@@ -934,6 +956,7 @@ class RoadSSLKDDock(QgsDockWidget):
 
     def _start_process(self, args: list[str], run_dir: str, fresh: bool, stages: Optional[list[str]] = None) -> None:
         self.run_dir = run_dir
+        self._run_left_project = False
         self._started = time.monotonic()
         if fresh:
             self.chart.clear()
@@ -1027,13 +1050,17 @@ class RoadSSLKDDock(QgsDockWidget):
         self.last_outcome = outcome
         self._set_running(False)
         state = {"done": "done", "cancelled": "cancelled"}.get(outcome.status, "failed")
-        settings.set_project_value("last_run_state", state)
         self.stage_strip.finish(outcome.ok)
         self.progress.setRange(0, 1)
         self.progress.setValue(1 if outcome.ok else 0)
         self.progress.setFormat(outcome.message.rstrip("."))
         self.status_label.setText(outcome.message)
         self.eta_label.clear()
+        if self._run_left_project:
+            self._run_left_project = False
+            self._finished_elsewhere(outcome)
+            return
+        settings.set_project_value("last_run_state", state)
         if outcome.ok:
             self.notice.hide()
             self.load_results(outcome.run_dir or self.run_dir or "")
@@ -1057,6 +1084,16 @@ class RoadSSLKDDock(QgsDockWidget):
             pre = f"<pre style='white-space: pre-wrap'>{_escape(details)}</pre>" if details else ""
             self.notice.show_message(f"<b>{_escape(outcome.message)}</b> {_escape(outcome.hint)}{pre}", "error")
         self._update_resume(state)
+
+    def _finished_elsewhere(self, outcome: RunOutcome) -> None:
+        """A run started in another project ended: say where it is, change nothing in this project."""
+        folder = outcome.run_dir or ""
+        where = f"The run ({folder}) was started in another project; open that project to see its results"
+        where += " or resume it." if outcome.status != "done" else "."
+        self.log_line(f"{outcome.message} {where}", "warning")
+        self.notice.show_message(f"<b>{_escape(outcome.message)}</b> {_escape(where)}", "info")
+        self.run_dir = settings.project_value("last_run_dir") or None
+        self._show_last_run()
 
     def log_line(self, text: str, level: str = "info") -> None:
         colours = {"error": "#c53030", "warning": "#b7791f", "command": ACCENT, "metric": "#2f855a"}

@@ -26,7 +26,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 from qgis.PyQt.QtWidgets import QFileDialog
 
-from ..compat import TASK_CAN_CANCEL
+from ..compat import RASTER_SIZE, TASK_CAN_CANCEL
 from ..core import segment, settings
 
 GROUP = "Road SSLKD"
@@ -56,7 +56,7 @@ def readable_raster(layer: Optional[QgsMapLayer]) -> bool:
     if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
         return False
     provider = layer.dataProvider()
-    return provider is not None and bool(provider.capabilities() & provider.Capability.Size)
+    return provider is not None and bool(provider.capabilities() & RASTER_SIZE)
 
 
 def default_layer(project: QgsProject, active: Optional[QgsMapLayer] = None) -> Optional[QgsRasterLayer]:

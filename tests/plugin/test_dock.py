@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ from test_layers import XYZ, line_layer, write_raster
 
 from conftest import REPO, needs_backend, wait_until
 from road_sslkd_plugin.core import settings
-from road_sslkd_plugin.core.backend import BackendLocator
+from road_sslkd_plugin.core.backend import BackendLocator, BackendStatus
 from road_sslkd_plugin.core.layers import Pair
 from road_sslkd_plugin.core.protocol import stage_label
-from road_sslkd_plugin.ui.dock import RoadSSLKDDock
+from road_sslkd_plugin.core.runner import TrainingRunner
+from road_sslkd_plugin.ui.dock import RoadSSLKDDock, absolute_folder
 from road_sslkd_plugin.ui.widgets import StageStrip
 
 
@@ -111,6 +113,14 @@ def test_settings_are_remembered_per_project_and_per_user(layers, make_dock, tmp
         assert view.preset.currentData() == "cpu" and view.steps_scale.value() == 0.5
         assert view.output_folder.filePath() == str(tmp_path / "runs") and view.baselines.isChecked()
         assert view.current_plan().weights == "pretrain"
+
+
+def test_a_typed_relative_output_folder_is_next_to_the_project(layers, make_dock, tmp_path):
+    assert QgsProject.instance().write(str(tmp_path / "project.qgz"))
+    dock = make_dock(missing_backend(tmp_path))
+    dock.output_folder.setFilePath("runs")
+    assert dock.current_plan().output_folder == str(tmp_path / "runs")
+    assert absolute_folder(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
 
 
 def test_missing_backend_offers_set_up(layers, make_dock, tmp_path):
@@ -280,3 +290,123 @@ def test_stage_strip_places_pretraining_first(qgis_iface):
     assert strip.stages[:3] == ["pretrain_resnet34", "pretrain_mobilenet_v2", "teacher_a"]
     assert strip.stages[-1] == "export" and strip.done == {"pretrain_resnet34", "pretrain_mobilenet_v2"}
     assert stage_label("pretrain_resnet34") == "Pretraining resnet34"
+
+
+def finished_run(folder: Path) -> Path:
+    """A run folder as the results tab reads it (metrics, a placeholder model file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = {"models": {"student_sslkd": {"iou": 0.5, "f1": 0.6, "params": 1000}}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "student.onnx").write_bytes(b"placeholder")
+    return folder
+
+
+FAKE_TRAINING = """
+import json, os, sys, time
+from pathlib import Path
+run, go = Path(sys.argv[1]), Path(sys.argv[2])
+print(json.dumps({"event": "progress", "stage": "teacher_a", "step": 1, "total": 2}), flush=True)
+while not go.exists():
+    time.sleep(0.05)
+run.mkdir(parents=True, exist_ok=True)
+(run / "metrics.json").write_text(json.dumps({"models": {"student_sslkd": {"iou": 0.5, "f1": 0.6, "params": 1}}}))
+(run / "student.onnx").write_bytes(b"placeholder")
+print(json.dumps({"event": "done"}), flush=True)
+"""
+
+
+def fake_backend(tmp_path: Path) -> BackendStatus:
+    """A backend interpreter whose `road-sslkd RUN GO` waits for the file GO, then writes a finished RUN."""
+    bin_dir = tmp_path / "fake-venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    code = tmp_path / "fake_training.py"
+    code.write_text(FAKE_TRAINING)
+    script = bin_dir / "road-sslkd"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{code}" "$@"\n')
+    script.chmod(0o755)
+    return BackendStatus(python=str(bin_dir / "python"), source="setting", version="fake")
+
+
+def test_a_run_that_ends_in_another_project_changes_nothing_there(make_dock, tmp_path):
+    project = QgsProject.instance()
+    run_a, run_b, go = tmp_path / "run-a", finished_run(tmp_path / "run-b"), tmp_path / "go"
+    dock = make_dock(missing_backend(tmp_path))
+    dock.backend = fake_backend(tmp_path)
+    project.clear()
+    settings.set_project_value("last_run_dir", str(run_b))
+    settings.set_project_value("last_run_state", "done")
+    assert project.write(str(tmp_path / "b.qgz"))
+    project.clear()
+    events = []
+    dock.runner.backend_event.connect(events.append)
+    dock._start_process([str(run_a), str(go)], str(run_a), fresh=True)
+    assert wait_until(lambda: bool(events), 60)
+    assert project.write(str(tmp_path / "a.qgz"))  # saved while running, as QGIS asks before a switch
+
+    assert project.read(str(tmp_path / "b.qgz"))
+    assert dock.run_dir == str(run_a)  # the run in progress stays on screen
+    go.touch()
+    assert wait_until(lambda: not dock.runner.is_running(), 60)
+    assert dock.last_outcome.ok
+    assert settings.project_value("last_run_dir") == str(run_b)
+    assert settings.project_value("last_run_state") == "done"
+    assert "another project" in dock.notice.text.text()
+    assert dock.run_dir == str(run_b)
+    dock.use_button.click()
+    assert settings.selected_model() == str(run_b / "student.onnx")
+
+    # Its own project still says "running": the finished run shows its results and offers no Resume.
+    assert project.read(str(tmp_path / "a.qgz"))
+    assert dock.run_dir == str(run_a) and dock.results_table.rowCount() == 1
+    assert not dock.resume_button.isVisibleTo(dock)
+
+
+def test_layers_loading_with_the_project_do_not_overwrite_its_setup(layers, make_dock, tmp_path):
+    dock = make_dock(missing_backend(tmp_path))
+    dock.labelled.set_pairs([Pair(layers["scene A"], layers["mask A"])])
+    dock.save_settings()
+    project_file = str(tmp_path / "project.qgz")
+    assert QgsProject.instance().write(project_file)
+    QgsProject.instance().clear()
+
+    def slow_layer(*_args):  # a network layer keeps the event loop running while the project loads
+        wait_until(lambda: False, 0.6)
+
+    QgsProject.instance().layersAdded.connect(slow_layer)
+    try:
+        assert QgsProject.instance().read(project_file)
+    finally:
+        QgsProject.instance().layersAdded.disconnect(slow_layer)
+    pair = dock.labelled.pairs()[0]
+    assert pair.image is not None and pair.image.name() == "scene A"
+
+
+def fake_checkpoint(seconds: float) -> str:
+    """A process that, on SIGTERM, takes ``seconds`` to 'write its checkpoint', then exits 143."""
+    return (
+        "import json, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (time.sleep({seconds}), sys.exit(143)))\n"
+        "print(json.dumps({'event': 'progress', 'stage': 'teacher_a', 'step': 1, 'total': 2}), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+
+
+def test_a_pending_kill_never_reaches_the_next_run(qgis_iface, tmp_path):
+    """Cancel, start again and cancel within the first grace time: the second run gets its own grace."""
+    runner = TrainingRunner(task_manager=False, cancel_grace_ms=4000)
+    events, outcomes = [], []
+    runner.backend_event.connect(events.append)
+    runner.finished.connect(outcomes.append)
+    runner.start([sys.executable, "-c", fake_checkpoint(0)], [], str(tmp_path / "run"))
+    assert wait_until(lambda: bool(events), 60)
+    first_cancel = time.monotonic()
+    runner.cancel()
+    assert wait_until(lambda: len(outcomes) == 1, 30)
+    events.clear()
+    runner.start([sys.executable, "-c", fake_checkpoint(3)], [], str(tmp_path / "run"))
+    assert wait_until(lambda: bool(events), 60)
+    wait_until(lambda: time.monotonic() - first_cancel > 2, 5)  # the first kill would land mid-checkpoint
+    runner.cancel()
+    assert wait_until(lambda: len(outcomes) == 2, 30)
+    assert outcomes[1].status == "cancelled" and outcomes[1].exit_code == 143, outcomes[1].details()

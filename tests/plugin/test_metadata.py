@@ -74,7 +74,7 @@ def test_plugin_sources_keep_to_what_qt6_accepts():
 
 
 def test_moved_qgis_names_resolve_on_this_qgis():
-    from qgis.core import Qgis, QgsProcessing, QgsTask, QgsUnitTypes
+    from qgis.core import Qgis, QgsProcessing, QgsRasterInterface, QgsTask, QgsUnitTypes
 
     from road_sslkd_plugin import compat
 
@@ -83,6 +83,7 @@ def test_moved_qgis_names_resolve_on_this_qgis():
     assert compat.DISTANCE_UNKNOWN == QgsUnitTypes.DistanceUnknownUnit
     assert compat.TASK_CAN_CANCEL == QgsTask.CanCancel
     assert compat.SOURCE_RASTER == QgsProcessing.TypeRaster
+    assert compat.RASTER_SIZE == QgsRasterInterface.Size
     assert compat.qgis_enum("Qgis.MessageLevel.Warning", "Qgis.NoSuchEnum.X") == Qgis.Warning  # newer first
     assert compat.qgis_enum("Qgis.NoSuchEnum.X", "Qgis.MessageLevel.Warning") == Qgis.Warning
     with pytest.raises(AttributeError, match="neither Qgis.NoSuchEnum.X nor Qgis.NoSuchEnum.Y"):
