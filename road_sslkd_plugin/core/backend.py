@@ -26,6 +26,7 @@ from .protocol import clean_environment
 PLUGIN_DIR = Path(__file__).resolve().parent.parent
 WINDOWS = sys.platform.startswith("win")
 PROBE_CODE = "import road_sslkd, sys; sys.stdout.write(road_sslkd.__version__)"
+BACKEND_PYTHON_VARIABLE = "ROAD_SSLKD_BACKEND_PYTHON"  # a backend interpreter for headless use
 
 
 def venv_python(venv: Path) -> Path:
@@ -102,6 +103,7 @@ class BackendStatus:
 
 
 SOURCE_NAMES = {
+    "environment": f"interpreter from {BACKEND_PYTHON_VARIABLE}",
     "setting": "interpreter from settings",
     "checkout": ".venv-backend",
     "profile": "managed venv",
@@ -123,9 +125,13 @@ class BackendLocator:
 
     def candidates(self) -> list[Candidate]:
         found = []
-        configured = str(settings.user_value(settings.BACKEND_PYTHON_KEY, "") or "") if self.use_setting else ""
-        if configured:
-            found.append(Candidate(configured, "setting"))
+        # The variable serves headless servers (qgis_process), where no dock can store the setting.
+        for python, source in (
+            (os.environ.get(BACKEND_PYTHON_VARIABLE, "") if self.use_setting else "", "environment"),
+            (str(settings.user_value(settings.BACKEND_PYTHON_KEY, "") or "") if self.use_setting else "", "setting"),
+        ):
+            if python:
+                found.append(Candidate(python, source))
         found.append(Candidate(str(venv_python(checkout_venv_dir(self.plugin_dir))), "checkout"))
         found.append(Candidate(str(venv_python(self.profile_venv)), "profile"))
         return found
@@ -133,7 +139,7 @@ class BackendLocator:
     def find(self) -> BackendStatus:
         status = BackendStatus()
         for candidate in self.candidates():
-            if candidate.source != "setting" and not Path(candidate.python).is_file():
+            if candidate.source not in ("environment", "setting") and not Path(candidate.python).is_file():
                 continue  # absent default places are normal, not worth a note
             version, problem = probe(candidate.python)
             if problem:

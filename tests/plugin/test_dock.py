@@ -12,7 +12,13 @@ from test_layers import XYZ, line_layer, write_raster
 
 from conftest import REPO, needs_backend, wait_until
 from road_sslkd_plugin.core import settings
-from road_sslkd_plugin.core.backend import BackendLocator, BackendStatus
+from road_sslkd_plugin.core.backend import (
+    BACKEND_PYTHON_VARIABLE,
+    BackendLocator,
+    BackendStatus,
+    checkout_venv_dir,
+    venv_python,
+)
 from road_sslkd_plugin.core.layers import Pair
 from road_sslkd_plugin.core.protocol import stage_label
 from road_sslkd_plugin.core.runner import TrainingRunner
@@ -146,6 +152,18 @@ def test_found_backend_reports_its_version(make_dock):
     assert dock.backend.found and dock.backend.source == "checkout" and dock.backend.version
     assert "ready" in dock.backend_banner.text.text()
     assert not dock.setup_button.isVisibleTo(dock)
+
+
+@needs_backend
+def test_the_environment_names_the_backend_for_headless_use(monkeypatch, tmp_path):
+    python = str(venv_python(checkout_venv_dir(REPO / "road_sslkd_plugin")))
+    elsewhere = {"plugin_dir": tmp_path / "plugin" / "road_sslkd_plugin", "profile_venv": tmp_path / "venv"}
+    monkeypatch.setenv(BACKEND_PYTHON_VARIABLE, python)
+    status = BackendLocator(**elsewhere).find()
+    assert status.found and status.source == "environment" and status.python == python
+    monkeypatch.setenv(BACKEND_PYTHON_VARIABLE, str(tmp_path / "none" / "python"))
+    status = BackendLocator(**elsewhere).find()
+    assert not status.found and BACKEND_PYTHON_VARIABLE in status.notes[0]
 
 
 @needs_backend
