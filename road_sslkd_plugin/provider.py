@@ -33,3 +33,7 @@ class RoadSSLKDProvider(QgsProcessingProvider):
     def loadAlgorithms(self) -> None:  # noqa: N802 - QGIS override
         for algorithm in algorithms():
             self.addAlgorithm(algorithm)
+
+    def supportedOutputRasterLayerExtensions(self) -> list[str]:  # noqa: N802 - QGIS override
+        # The algorithms write GeoTIFF only: the file dialog then offers no other format.
+        return ["tif", "tiff"]

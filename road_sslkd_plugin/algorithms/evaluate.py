@@ -17,9 +17,19 @@ from qgis.core import (
 )
 
 from ..compat import FOLDER_ONLY, SOURCE_MAP_LAYER, SOURCE_RASTER
+from ..core.protocol import pair_arg
 from ..core.results import model_label
 from .base import RoadAlgorithm
 from .train import _file_path
+
+
+def _run_test_split(config: str) -> list:
+    """The test pairs a run folder's ``config.json`` recorded (its dataset's ``test`` split)."""
+    try:
+        with open(config, encoding="utf-8") as handle:
+            return list(json.load(handle).get("dataset", {}).get("test") or [])
+    except (OSError, ValueError, AttributeError) as exc:
+        raise QgsProcessingException(f"{config} cannot be read ({exc}): is it a Road SSLKD run folder?") from exc
 
 
 class EvaluateAlgorithm(RoadAlgorithm):
@@ -67,15 +77,20 @@ class EvaluateAlgorithm(RoadAlgorithm):
         from ..core.cli import run_backend
 
         run_dir = self.parameterAsFile(parameters, self.RUN, context)
-        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        config = os.path.join(run_dir, "config.json")
+        if not os.path.isfile(config):
             raise QgsProcessingException(f"{run_dir} is not a Road SSLKD run folder (no config.json)")
         images = self.parameterAsLayerList(parameters, self.IMAGES, context)
         masks = self.parameterAsLayerList(parameters, self.MASKS, context)
         if len(images) != len(masks):
             raise QgsProcessingException(f"{len(images)} test images but {len(masks)} labels: pair them in order")
+        if not images and not _run_test_split(config):
+            raise QgsProcessingException(
+                f"The run {run_dir} was trained without test images: give TEST_IMAGES and TEST_MASKS (Test images "
+                "and Test labels, paired in order)")
         args = ["evaluate", run_dir]
         if images:
-            args += ["--test", *[f"{_file_path(i)}:{_file_path(m)}" for i, m in zip(images, masks)]]
+            args += ["--test", *[pair_arg((_file_path(i), _file_path(m))) for i, m in zip(images, masks)]]
         models = self.parameterAsString(parameters, self.MODELS, context).replace(" ", "")
         if models:
             args += ["--models", models]

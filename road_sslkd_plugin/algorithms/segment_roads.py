@@ -2,14 +2,15 @@
 
 In-process with the shared ONNX engine when QGIS's Python has onnxruntime; otherwise the window is
 handed to ``road-sslkd predict`` in the backend venv (``qgis_process`` and most QGIS installs lack
-onnxruntime). Either way nothing is written until the prediction is complete.
+onnxruntime). Either way the outputs are checked before any work and nothing is written until the
+prediction is complete.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from qgis.core import (
     QgsProcessingContext,
@@ -28,9 +29,12 @@ from qgis.core import (
 
 from ..compat import FILE_ONLY, NUMBER_DOUBLE
 from ..core import segment, settings
+from ..core.layers import describe, writable_folder_problem
 from .base import RoadAlgorithm, advanced
 
 MAX_PIXELS = 250_000_000  # whole rasters larger than this: `road-sslkd predict` streams them from disk
+GEOTIFF = (".tif", ".tiff")  # what both paths write, whatever name the output is given
+BACKEND_OPTIONS = {"--bands": "BANDS"}  # `road-sslkd predict` options in the backend's messages -> parameters
 
 
 class _Styler(QgsProcessingLayerPostProcessorInterface):
@@ -79,16 +83,21 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             "<b>Model</b>: an .onnx file; tile size, overlap, normalisation and ground resolution come from "
             'its metadata. The default is the model chosen with "Use this model" in the dock.<br>'
             "<b>Extent</b>: optional; only that part of the layer is segmented (any CRS).<br>"
-            "<b>Bands</b>: optional; the first bands the model takes by default.<br>"
-            "<b>Road probability</b>: uint8 GeoTIFF, 0-255 (255 = certainly road), on the model's resolution "
-            "grid aligned with the layer; nodata stays masked.<br>"
-            "<b>Road mask</b>: optional; 1 = road where the probability reaches the threshold (default: the "
-            "model's seg_thresh).<br>"
+            "<b>Bands</b>: optional; by default the bands the model was trained on (from its metadata) where "
+            "the layer has them, else its first bands. A warning says when the bands, or the layer's data type, "
+            "differ from the training imagery.<br>"
+            "<b>Road probability</b>: uint8 GeoTIFF (.tif), 0-255 (255 = certainly road); nodata stays masked. "
+            "It must not be the input layer's file.<br>"
+            "<b>Road mask</b>: optional GeoTIFF (.tif); 1 = road where the probability reaches the threshold "
+            "(default: the model's seg_thresh).<br>"
             "<b>Average 8 flips and rotations</b> (advanced): test-time augmentation, 8 times the time; about "
             "2 IoU points on the CIL 2016 benchmark.<br><br>"
-            "Runs in QGIS when its Python has onnxruntime, else through the backend's <tt>road-sslkd predict</tt>, "
-            "which reads the layer at its own resolution and, without a Threshold, masks at 0.5 (the model's "
-            "metadata needs onnxruntime to read)."
+            "Runs in QGIS when its Python has onnxruntime: the layer is read at the model's ground resolution and "
+            "the outputs lie on that grid, aligned with the layer. Otherwise through the backend's "
+            "<tt>road-sslkd predict</tt>: the layer's pixels go to the backend at the layer's own resolution, "
+            "the backend resamples them to the model's resolution, and the outputs come back on the layer's own "
+            "grid; without a Threshold the mask is then cut at 0.5 (the model's metadata needs onnxruntime to "
+            "read)."
         )
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
@@ -150,6 +159,10 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         self._tta = self.parameterAsBoolean(parameters, self.TTA, context)
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         mask_output = self.parameterAsOutputLayer(parameters, self.MASK, context) if parameters.get(self.MASK) else ""
+        outputs = {self.OUTPUT: output, **({self.MASK: mask_output} if mask_output else {})}
+        problem = _output_problem(outputs, describe(layer).path)
+        if problem:
+            raise QgsProcessingException(problem)
         try:
             if segment.engine_available():
                 threshold = self._in_process(layer, model_path, extent, bands, threshold, output, mask_output, feedback)
@@ -181,9 +194,9 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         feedback: QgsProcessingFeedback,
     ) -> Optional[float]:
         model = segment.load_model(model_path)
-        for warning in model.warnings:
+        chosen, notes = segment.check_input(layer, model.info, bands)
+        for warning in [*model.warnings, *notes]:
             feedback.pushWarning(warning)
-        chosen = segment.check_bands(layer, model.info.bands, bands)
         window = segment.plan_window(layer, extent, layer.crs(), model.info.resolution_cm, MAX_PIXELS)
         feedback.pushInfo(f"Reading {window.width} x {window.height} pixels, bands {chosen}")
         pixels = segment.read_bands(self._provider, window, chosen)
@@ -197,9 +210,10 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         if probability is None:
             return None
         threshold = model.info.threshold if threshold is None else threshold
-        segment.write_geotiff(output, probability, window)
+        _write(self.OUTPUT, output, lambda: segment.write_geotiff(output, probability, window))
         if mask_output:
-            segment.write_geotiff(mask_output, segment.binary_mask(probability, threshold), window)
+            mask = segment.binary_mask(probability, threshold)
+            _write(self.MASK, mask_output, lambda: segment.write_geotiff(mask_output, mask, window))
         return threshold
 
     def _with_backend(
@@ -213,12 +227,18 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         mask_output: str,
         feedback: QgsProcessingFeedback,
     ) -> Optional[float]:
-        """The layer's window at its own resolution to a scratch GeoTIFF, then ``road-sslkd predict`` on it."""
-        chosen = bands or list(range(1, layer.bandCount() + 1))  # the backend takes the first N it needs
+        """The layer's window at its own resolution to a scratch GeoTIFF, then ``road-sslkd predict`` on it.
+
+        The scratch copy keeps the layer's band numbers (all its bands, or up to the last one chosen), so the
+        backend's default (the model's training bands) and its messages speak of the layer's own bands.
+        """
+        if bands:
+            segment.check_band_numbers(layer, bands)  # the rest is checked where the model's metadata is read
+        copied = list(range(1, (max(bands) if bands else layer.bandCount()) + 1))
         window = segment.plan_window(layer, extent, layer.crs(), None, MAX_PIXELS)
         with tempfile.TemporaryDirectory(prefix="road_sslkd_") as scratch:
             source = os.path.join(scratch, "window.tif")
-            segment.write_geotiff(source, segment.read_bands(self._provider, window, chosen), window)
+            segment.write_geotiff(source, segment.read_bands(self._provider, window, copied), window)
             produced = segment.predict_with_backend(
                 model_path,
                 source,
@@ -229,13 +249,16 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
                 log=feedback.pushDebugInfo,
                 warn=feedback.pushWarning,
                 tta=self._tta,
+                bands=bands,
+                options=BACKEND_OPTIONS,
             )
             if produced is None:
                 return None
             threshold = 0.5 if threshold is None else threshold  # the model's own needs onnxruntime to read
-            segment.place_file(produced, output)
+            _write(self.OUTPUT, output, lambda: segment.place_file(produced, output))
             if mask_output:
-                segment.write_geotiff(mask_output, segment.binary_mask(_read(output), threshold), window)
+                mask = segment.binary_mask(_read(output), threshold)
+                _write(self.MASK, mask_output, lambda: segment.write_geotiff(mask_output, mask, window))
         return threshold
 
     def postProcessAlgorithm(self, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:  # noqa: N802
@@ -247,6 +270,39 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
                 _STYLERS.append(styler)
                 context.layerToLoadOnCompletionDetails(layer_id).setPostProcessor(styler)
         return {}
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)  # links and case-insensitive file systems included
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def _output_problem(outputs: dict[str, str], source: Optional[str]) -> str:
+    """Why the output files (parameter -> path) cannot be written, before any work: not GeoTIFF names, an
+    unwritable folder, the input layer's own file or both outputs in one file; '' when they can."""
+    for name, path in outputs.items():
+        base, extension = os.path.splitext(path)
+        if extension.lower() not in GEOTIFF:
+            return (f"{name} {path} is not a GeoTIFF name: the output is a GeoTIFF, so give it the .tif "
+                    f"extension ({os.path.basename(base)}.tif)")
+        folder = writable_folder_problem(os.path.dirname(os.path.abspath(path)))
+        if folder:
+            return f"{name}: {folder}"
+        if source and _same_file(path, source):
+            return f"{name} is the input layer's file {source}: writing it would destroy the image; choose another file"
+    if len(outputs) == 2 and _same_file(*outputs.values()):
+        (first, path), (second, _) = outputs.items()
+        return f"{first} and {second} are both {path}: the second would replace the first; choose two files"
+    return ""
+
+
+def _write(parameter: str, path: str, write: Callable[[], Any]) -> None:
+    """``write()`` the output of ``parameter``; a disk or folder failure becomes a Processing error."""
+    try:
+        write()
+    except OSError as exc:
+        raise QgsProcessingException(f"{parameter}: cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _read(path: str) -> Any:

@@ -22,10 +22,11 @@ from qgis.core import (
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
+    QgsProcessingUtils,
 )
 
 from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_MAP_LAYER, SOURCE_RASTER
-from ..core.layers import describe
+from ..core.layers import DEFAULT_BANDS, describe, parse_bands
 from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
 from ..core.results import RunFolder
 from .base import RoadAlgorithm, advanced
@@ -44,6 +45,33 @@ def _file_path(layer: Any) -> str:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def _temporary(folder: str) -> bool:
+    """Whether ``folder`` lies in Processing's temporary folder, which QGIS deletes when it closes."""
+    temp = os.path.realpath(QgsProcessingUtils.tempFolder())
+    try:
+        return os.path.commonpath([os.path.realpath(folder), temp]) == temp
+    except ValueError:  # Windows: on another drive
+        return False
+
+
+def _band_problem(text: str, images: list[Any]) -> str:
+    """Why BANDS does not fit the images, in Processing's words ('' when it does): the backend would say it
+    only after starting, in its command-line words."""
+    try:
+        bands = parse_bands(text)
+    except ValueError:
+        return f"BANDS '{text}' must be 1-based band numbers like 3,2,1"
+    needed = max(bands or DEFAULT_BANDS)
+    short = [layer for layer in images if layer.bandCount() < needed]
+    if not short:
+        return ""
+    count = short[0].bandCount()
+    default = ",".join(map(str, DEFAULT_BANDS))
+    asked = f"BANDS asks for band {needed}" if bands else f"an empty BANDS reads bands {default}"
+    return (f"{short[0].name()} has {count} band{'s' if count != 1 else ''} but {asked}: choose bands every "
+            "image has in BANDS (a label layer among the images is the usual slip)")
 
 
 def _given(parameters: dict, name: str) -> bool:
@@ -91,7 +119,8 @@ class TrainAlgorithm(RoadAlgorithm):
             "a weights file, or a folder with one file per encoder (resnet34.pth, mobilenet_v2.pth...).<br>"
             "<b>Advanced</b>: random seed, bands, device (cuda for a GPU) and a JSON settings file "
             "overriding any preset setting (README, 'The command line').<br>"
-            "<b>Run folder</b> must be new or empty. Cancel stops the backend after a checkpoint: "
+            "<b>Run folder</b> must be new or empty, and not a temporary folder (QGIS deletes those when it "
+            "closes). Cancel stops the backend after a checkpoint: "
             "continue with <tt>road-sslkd train --resume FOLDER</tt>.<br>"
             "Needs the backend (dock: Set up backend)."
         )
@@ -159,7 +188,17 @@ class TrainAlgorithm(RoadAlgorithm):
                 f"{len(images)} labelled images but {len(labels)} labels: give one label layer per image, same order"
             )
         unlabelled = self.parameterAsLayerList(parameters, self.UNLABELLED, context)
-        run_dir = self.parameterAsString(parameters, self.OUTPUT_FOLDER, context)
+        bands = self.parameterAsString(parameters, self.BANDS, context).strip()
+        problem = _band_problem(bands, images + unlabelled)
+        if problem:
+            raise QgsProcessingException(problem)
+        run_dir = self.parameterAsFileOutput(parameters, self.OUTPUT_FOLDER, context)
+        # Refused rather than given a persistent default: a folder destination's default is one fixed path,
+        # while every run needs a new, empty folder (and scripts pass OUTPUT_FOLDER as the run folder itself).
+        if _temporary(run_dir):
+            raise QgsProcessingException(
+                f"The run folder {run_dir} is temporary: QGIS deletes it when it closes, with the trained models. "
+                "Choose a folder for OUTPUT_FOLDER (Run folder) instead of a temporary one")
         if os.path.isdir(run_dir) and any(os.scandir(run_dir)):
             raise QgsProcessingException(f"The run folder {run_dir} is not empty: choose a new folder")
         request = TrainRequest(
@@ -172,7 +211,7 @@ class TrainAlgorithm(RoadAlgorithm):
             steps_scale=self.parameterAsDouble(parameters, self.STEPS_SCALE, context),
             weights=self.parameterAsString(parameters, self.WEIGHTS, context).strip() or None,
             seed=self.parameterAsInt(parameters, self.SEED, context) if _given(parameters, self.SEED) else None,
-            bands=self.parameterAsString(parameters, self.BANDS, context).strip() or None,
+            bands=bands or None,
             device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
             config=self.parameterAsFile(parameters, self.CONFIG, context) or None,
         )

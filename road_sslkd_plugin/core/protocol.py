@@ -164,11 +164,11 @@ class TrainRequest:
     def to_args(self) -> list[str]:
         """Arguments after ``road-sslkd`` (an argument list: never joined into a shell string)."""
         args = ["train", "--out", self.run_dir, "--preset", self.preset]
-        args += ["--labelled", *[f"{image}:{label}" for image, label in self.labelled]]
+        args += ["--labelled", *map(pair_arg, self.labelled)]
         if self.unlabelled:
             args += ["--unlabelled", *self.unlabelled]
         if self.test:
-            args += ["--test", *[f"{image}:{mask}" for image, mask in self.test]]
+            args += ["--test", *map(pair_arg, self.test)]
         if self.label_width is not None:
             args += ["--label-width", _number(self.label_width)]
         if abs(self.steps_scale - 1.0) > 1e-9:
@@ -186,6 +186,12 @@ class TrainRequest:
         if self.bands:
             args += ["--bands", self.bands]
         return args + list(self.extra_args)
+
+
+def pair_arg(pair: tuple[str, str]) -> str:
+    """``IMAGE::LABEL`` for ``--labelled`` and ``--test``: the backend splits at "::" first, so paths with ":"
+    (``C:\\``, ``a:b.tif``) stay whole."""
+    return "::".join(pair)
 
 
 def resume_args(run_dir: str) -> list[str]:

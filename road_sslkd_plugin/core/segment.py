@@ -108,18 +108,26 @@ class ReadWindow:
         return (self.extent.xMinimum(), px, 0.0, self.extent.yMaximum(), 0.0, -py)
 
 
-def model_pixel_size(layer: QgsRasterLayer, resolution_cm: Optional[float]) -> tuple[float, float]:
-    """The model's ground resolution in the layer's map units; the layer's own where unknown."""
+def model_pixel_size(
+    layer: QgsRasterLayer, resolution_cm: Optional[float], area: QgsRectangle
+) -> tuple[float, float]:
+    """The model's ground resolution in the layer's map units (x, y) over ``area``; the layer's own where
+    unknown. In a geographic CRS a degree of longitude shrinks with latitude: the engine's own conversion
+    (the backend's too) at the latitude of ``area``'s centre, so both read on the same grid."""
     native = (layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY())
-    if not resolution_cm:
+    crs = layer.crs()
+    if not resolution_cm or crs.mapUnits() == DISTANCE_UNKNOWN:
         return native
-    units = layer.crs().mapUnits()
-    if units == DISTANCE_UNKNOWN:
-        return native
-    size = resolution_cm / 100.0 * QgsUnitTypes.fromUnitToUnitFactor(DISTANCE_METERS, units)
-    if all(math.isclose(size, n, rel_tol=1e-3) for n in native):
-        return native  # same resolution: read the pixels as they are, no resampling
-    return size, size
+    engine = engine_module()
+    metres = resolution_cm / 100.0
+    if crs.isGeographic():
+        per_degree = engine.metres_per_degree(area.center().y())
+        size = (metres / per_degree[0], metres / per_degree[1])
+    else:
+        size = (metres * QgsUnitTypes.fromUnitToUnitFactor(DISTANCE_METERS, crs.mapUnits()),) * 2
+    if all(abs(s / n - 1) <= engine.RESAMPLE_TOLERANCE for s, n in zip(size, native)):
+        return native  # close enough: read the pixels as they are, no resampling (as the backend does)
+    return size
 
 
 def plan_window(
@@ -148,7 +156,7 @@ def plan_window(
                 f"The extent does not overlap the layer {layer.name()}",
                 "pan or zoom to the layer, or choose another layer or extent",
             )
-    px, py = model_pixel_size(layer, resolution_cm)
+    px, py = model_pixel_size(layer, resolution_cm, area)
     # Snap outwards to the layer's pixel grid (or the model grid from the layer's corner), inside the layer.
     x0 = full.xMinimum() + math.floor((area.xMinimum() - full.xMinimum()) / px + 1e-6) * px
     y1 = full.yMaximum() - math.floor((full.yMaximum() - area.yMaximum()) / py + 1e-6) * py
@@ -178,18 +186,54 @@ def _dtypes() -> dict[Any, str]:
     }
 
 
-def check_bands(layer: QgsRasterLayer, needed: int, bands: Optional[list[int]] = None) -> list[int]:
-    """The 1-based bands to read: ``bands`` or the first ``needed``; raises when the layer has too few."""
+def _plural(count: int) -> str:
+    return f"{count} band{'s' if count != 1 else ''}"
+
+
+def check_band_numbers(layer: QgsRasterLayer, bands: list[int]) -> None:
+    """Raises when ``bands``, chosen in Processing's BANDS, name bands the layer does not have."""
     count = layer.bandCount()
-    chosen = list(bands) if bands else list(range(1, needed + 1))
-    if len(chosen) != needed:
-        raise SegmentError(f"The model reads {needed} bands, {len(chosen)} were chosen", "choose one band per input")
-    if count < max(chosen) or min(chosen) < 1:
+    missing = [band for band in bands if not 1 <= band <= count]
+    if missing:
         raise SegmentError(
-            f"The layer {layer.name()} has {count} band{'s' if count != 1 else ''}, the model needs {needed}",
+            f"BANDS asks for band {missing[0]} but the layer {layer.name()} has {_plural(count)}",
+            f"choose bands from 1 to {count}",
+        )
+
+
+def check_bands(
+    layer: QgsRasterLayer, needed: int, bands: Optional[list[int]] = None, default: Optional[list[int]] = None
+) -> list[int]:
+    """The 1-based bands to read: ``bands`` (chosen in Processing's BANDS), else ``default`` (the model's
+    ``ModelInfo.default_bands``), else the first ``needed``; raises when they do not fit the layer or model."""
+    if bands:
+        check_band_numbers(layer, bands)
+        if len(bands) != needed:
+            raise SegmentError(
+                f"BANDS has {_plural(len(bands))} but the model reads {needed}",
+                f"choose {needed} bands in BANDS, or leave it empty for the bands the model was trained on",
+            )
+        return list(bands)
+    chosen = default or list(range(1, needed + 1))
+    count = layer.bandCount()
+    if count < max(chosen):
+        raise SegmentError(
+            f"The layer {layer.name()} has {_plural(count)}, the model needs {needed}",
             "choose a layer with the bands the model was trained on (e.g. RGB)",
         )
     return chosen
+
+
+def check_input(
+    layer: QgsRasterLayer, info: Any, bands: Optional[list[int]] = None, option: str = "BANDS"
+) -> tuple[list[int], list[str]]:
+    """The bands to read for model ``info`` (``check_bands``) and warnings when they, or the layer's data
+    type, differ from the model's training rasters; ``option`` names the band choice for the user."""
+    chosen = check_bands(layer, info.bands, bands, info.default_bands(layer.bandCount()))
+    what = f"the layer {layer.name()}"
+    dtype = _dtypes().get(layer.dataProvider().dataType(chosen[0]))
+    notes = [info.band_warning(chosen, what, option), info.dtype_warning(dtype, what) if dtype else None]
+    return chosen, [note for note in notes if note]
 
 
 def read_bands(provider: QgsRasterDataProvider, window: ReadWindow, bands: list[int]) -> Any:
@@ -319,31 +363,43 @@ def predict_with_backend(
     log: Optional[Callable[[str], None]] = None,
     warn: Optional[Callable[[str], None]] = None,
     tta: bool = False,
+    bands: Optional[list[int]] = None,
+    options: Optional[dict[str, str]] = None,
 ) -> Optional[str]:
     """``road-sslkd predict`` (backend venv) on a GeoTIFF written by ``write_geotiff``, for a QGIS whose
     Python lacks onnxruntime. Blocking: call it from a worker thread. The probability file, None if cancelled.
+
+    ``bands``: the source's bands to read (None: the model's default). The backend's messages and log name the
+    user's layer (``source_name``) instead of the scratch copy, and ``options`` maps its command-line options
+    to the caller's names for them (Processing: ``{"--bands": "BANDS"}``).
     """
     from .cli import run_backend
+
+    words = {**({source: source_name} if source_name else {}), **(options or {})}
+
+    def in_user_terms(text: str) -> str:
+        for cli_word, user_word in words.items():
+            text = text.replace(cli_word, user_word)
+        return text
 
     def on_event(event: dict) -> None:
         if event.get("event") == "progress" and event.get("total") and progress is not None:
             progress(int(event.get("step") or 0), int(event["total"]))
         elif event.get("event") == "warning" and warn is not None:
-            warn(str(event.get("message", "")))
+            warn(in_user_terms(str(event.get("message", ""))))
 
     args = ["predict", model_path, source, "--out", out_dir, "--overwrite", *(["--tta"] if tta else [])]
+    if bands:
+        args += ["--bands", ",".join(map(str, bands))]
     try:
-        result = run_backend(args, on_event, log, cancelled)
+        result = run_backend(args, on_event, (lambda line: log(in_user_terms(line))) if log else None, cancelled)
     except (RuntimeError, OSError) as exc:
         raise SegmentError(str(exc), ENGINE_HINT) from exc
     if cancelled is not None and cancelled():
         return None
     produced = result.artifact("probability")
     if not result.outcome.ok or not produced:
-        message = result.outcome.message
-        if source_name:  # name the user's layer, not the scratch copy the backend read
-            message = message.replace(source, source_name)
-        raise SegmentError(message, result.outcome.hint)
+        raise SegmentError(in_user_terms(result.outcome.message), in_user_terms(result.outcome.hint))
     return produced
 
 

@@ -194,14 +194,15 @@ class ExtentSegmenter(QObject):
     def _in_process(self, layer: QgsRasterLayer, path: str, canvas: Any, project: QgsProject) -> tuple:
         """Pixels read here (main thread); the task only runs the model on them."""
         model = self._load(path)
-        bands = segment.check_bands(layer, model.info.bands)
+        # The map action has no band choice: the model's training bands, with Processing's for other bands.
+        bands, notes = segment.check_input(layer, model.info, option="BANDS of Processing's Segment roads")
         window = self._window(layer, canvas, project, model.info.resolution_cm)
         pixels = segment.read_bands(layer.dataProvider(), window, bands)
 
         def work(progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> Any:
             return segment.predict(model, pixels, progress, cancelled)
 
-        return work, window, list(model.warnings)
+        return work, window, [*model.warnings, *notes]
 
     def _with_backend(self, layer: QgsRasterLayer, path: str, canvas: Any, project: QgsProject) -> tuple:
         """The window at the layer's resolution to a scratch GeoTIFF; the task runs ``road-sslkd predict`` on it.

@@ -6,18 +6,29 @@ import shutil
 import numpy as np
 import pytest
 import rasterio
-from rasterio.transform import from_origin
+from rasterio.transform import Affine, from_origin
 
 from conftest import errors
+from road_sslkd.config import make_config
+from road_sslkd.data import DatasetSpec
+from road_sslkd.runs import RunDir
+
+GRID = from_origin(500000, 5000000, 0.5, 0.5)
 
 
-def _write(path, array, crs="EPSG:32633", nodata=None):
+def _write(path, array, crs="EPSG:32633", nodata=None, transform=GRID):
     array = array if array.ndim == 3 else array[None]
     with rasterio.open(path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1], count=array.shape[0],
-                       dtype=array.dtype, crs=crs, transform=from_origin(500000, 5000000, 0.5, 0.5),
-                       nodata=nodata) as dst:
+                       dtype=array.dtype, crs=crs, transform=transform, nodata=nodata) as dst:
         dst.write(array)
     return path
+
+
+def _roads(size=64):
+    """A 0/1 mask with a horizontal road (background and road both present)."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 2 - 3 : size // 2 + 3] = 1
+    return mask
 
 
 def _fails(run_main, tmp_path, *args, needle):
@@ -34,6 +45,15 @@ def test_missing_file(run_main, tmp_path, tiny_dataset):
     image = tiny_dataset / "images" / "scene_000.tif"
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{tmp_path / 'nope.tif'}", needle="nope.tif")
     assert "not found" in error["message"]
+    assert "current folder" in error["hint"] and "split.json" not in error["hint"]
+
+
+def test_missing_file_of_a_split(run_main, tmp_path, tiny_dataset):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "images" / "scene_001.tif").unlink()
+    error = _fails(run_main, tmp_path, "--data", str(data), needle="scene_001.tif")
+    assert "split.json" in error["hint"] and str(data) in error["hint"]
 
 
 def test_size_mismatch(run_main, tmp_path):
@@ -49,6 +69,50 @@ def test_crs_mismatch(run_main, tmp_path):
     assert "reproject" in error["hint"]
 
 
+@pytest.mark.parametrize("shift_px", [2, 40])
+def test_mask_on_another_footprint(run_main, tmp_path, shift_px):
+    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = _write(tmp_path / "mask.tif", _roads(), transform=GRID * Affine.translation(shift_px, 0))
+    error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="footprint")
+    assert f"{shift_px:.1f} px" in error["message"] and "gdalwarp" in error["hint"]
+
+
+def test_mask_without_georeferencing(run_main, tmp_path):
+    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = _write(tmp_path / "mask.tif", _roads(), crs=None, transform=Affine.identity())
+    error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="has no georeferencing")
+    assert error["message"].startswith(f"mask {mask}") and "-a_srs" in error["hint"]
+
+
+def test_mask_without_crs(run_main, tmp_path):
+    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = _write(tmp_path / "mask.tif", _roads(), crs=None)
+    error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="no CRS")
+    assert "gdal_edit.py -a_srs EPSG:32633" in error["hint"]
+
+
+def test_multiband_mask(run_main, tmp_path):
+    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = _write(tmp_path / "mask.tif", np.stack([_roads(), 1 - _roads()]))
+    error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="2 bands")
+    assert "-b 1" in error["hint"]
+
+
+def test_mask_whose_nodata_hides_the_background(run_main, tmp_path):
+    """A 0/1 mask written with nodata=0 (as rasterising tools do) has no background left."""
+    image = _write(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
+    mask = _write(tmp_path / "mask.tif", _roads(), nodata=0)
+    error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="no background")
+    assert f"gdal_edit.py -unsetnodata {mask}" in error["hint"]
+
+
+def test_mask_that_is_all_road(run_main, tmp_path):
+    image = _write(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
+    mask = _write(tmp_path / "mask.tif", np.full((64, 64), 255, np.uint8))
+    error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="no background")
+    assert "-unsetnodata" not in error["hint"]
+
+
 def test_mask_without_roads(run_main, tmp_path):
     image = _write(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
     mask = _write(tmp_path / "mask.tif", np.zeros((64, 64), np.uint8))
@@ -61,11 +125,29 @@ def test_all_nodata_raster(run_main, tmp_path):
     _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="all nodata")
 
 
+def test_diverging_training_stops(run_main, tmp_path, tiny_dataset):
+    cfg = tmp_path / "settings.json"
+    cfg.write_text(json.dumps({"lr": 1e30}))
+    out = tmp_path / "run"
+    code, events = run_main("train", "--preset", "tiny", "--out", str(out), "--data", str(tiny_dataset),
+                            "--config", str(cfg), "--stages", "teacher_a")
+    assert code == 2
+    (error,) = errors(events)
+    assert "diverged" in error["message"] and "teacher_a" in error["message"] and "lr" in error["hint"]
+    assert not any(e["event"] == "metric" and e["value"] is None for e in events)
+    assert not (out / "models" / "teacher_a.pt").exists()
+
+
 def test_too_few_bands(run_main, tmp_path, tiny_dataset):
     image = tiny_dataset / "images" / "scene_000.tif"
     mask = tiny_dataset / "masks" / "scene_000.tif"
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", "--bands", "1,2,4", needle="3 band")
     assert "--bands" in error["hint"]
+
+
+def test_bands_that_are_not_numbers(run_main, tmp_path, tiny_dataset):
+    error = _fails(run_main, tmp_path, "--data", str(tiny_dataset), "--bands", "1,2,x", needle="--bands 1,2,x")
+    assert "--bands 1,2,3" in error["hint"]
 
 
 def test_run_folder_of_another_run_is_kept(run_main, tmp_path, tiny_dataset):
@@ -97,6 +179,81 @@ def test_unknown_choice_of_teachers(run_main, tmp_path, tiny_dataset, setting, c
     cfg.write_text(json.dumps({setting: "supervised"}))
     error = _fails(run_main, tmp_path, "--data", str(tiny_dataset), "--config", str(cfg), needle=setting)
     assert choices in error["hint"]
+
+
+@pytest.mark.parametrize("setting, value, needle", [
+    ("crop", "64", "crop"), ("steps", 5, "steps"), ("bands", "1,2,3", "bands"), ("lr", "0.001", "lr"),
+    ("amp", 1, "amp"), ("steps", {"teachr": 5}, "teachr"), ("stages", ["teacher_x"], "teacher_x"),
+])
+def test_config_value_of_the_wrong_type(run_main, tmp_path, tiny_dataset, setting, value, needle):
+    cfg = tmp_path / "settings.json"
+    cfg.write_text(json.dumps({setting: value}))
+    _fails(run_main, tmp_path, "--data", str(tiny_dataset), "--config", str(cfg), needle=needle)
+
+
+def test_unknown_stage_leaves_no_run_folder(run_main, tmp_path, tiny_dataset):
+    error = _fails(run_main, tmp_path, "--data", str(tiny_dataset), "--stages", "teacher_a,teacher_x",
+                   needle="teacher_x")
+    assert "student_sslkd" in error["hint"]
+
+
+@pytest.fixture
+def new_run(tmp_path, tiny_dataset):
+    """A run folder as `train --out` writes it before its first stage (no model trained yet)."""
+    return RunDir.create(tmp_path / "run", make_config("tiny"), DatasetSpec.from_split(tiny_dataset)).path
+
+
+@pytest.mark.parametrize("flags", [["--preset", "cpu"], ["--steps-scale", "2"], ["--seed", "0"],
+                                   ["--out", "elsewhere"], ["--data", "DATA"], ["--labelled", "a.tif:b.tif"],
+                                   ["--config", "settings.json"]])
+def test_resume_refuses_data_and_settings_flags(run_main, new_run, tiny_dataset, flags):
+    stored = (new_run / "config.json").read_text()
+    flags = [str(tiny_dataset) if f == "DATA" else f for f in flags]
+    code, events = run_main("train", "--resume", str(new_run), *flags)
+    assert code == 2
+    (error,) = errors(events)
+    assert flags[0] in error["message"] and "config.json" in error["message"]
+    assert "--stages and --device" in error["hint"]
+    assert (new_run / "config.json").read_text() == stored
+
+
+def test_resume_checks_stages_before_saving_them(run_main, new_run):
+    stored = (new_run / "config.json").read_text()
+    code, events = run_main("train", "--resume", str(new_run), "--stages", "teacher_x")
+    assert code == 2 and "teacher_x" in errors(events)[0]["message"]
+    assert (new_run / "config.json").read_text() == stored
+    code, events = run_main("train", "--resume", str(new_run), "--stages", "teacher_a", "--device", "cpu")
+    assert code == 0, errors(events)
+    assert json.loads((new_run / "config.json").read_text())["config"]["stages"] == ["teacher_a"]
+
+
+def test_out_that_is_a_file(run_main, tmp_path, tiny_dataset):
+    out = tmp_path / "run"
+    out.write_text("not a folder")
+    code, events = run_main("train", "--preset", "tiny", "--out", str(out), "--data", str(tiny_dataset))
+    assert code == 2
+    (error,) = errors(events)
+    assert f"--out {out}" in error["message"] and "folder" in error["hint"]
+    assert out.read_text() == "not a folder"
+
+
+def test_evaluate_data_without_a_test_split(run_main, new_run, tmp_path, tiny_dataset):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    split = json.loads((data / "split.json").read_text())
+    (data / "split.json").write_text(json.dumps({**split, "test": []}))
+    code, events = run_main("evaluate", str(new_run), "--data", str(data))
+    assert code == 2
+    (error,) = errors(events)
+    assert "no 'test' entries" in error["message"] and "--test" in error["hint"]
+
+
+def test_evaluate_data_and_test_together(run_main, new_run, tiny_dataset):
+    pair = f"{tiny_dataset / 'images' / 'scene_004.tif'}:{tiny_dataset / 'masks' / 'scene_004.tif'}"
+    code, events = run_main("evaluate", str(new_run), "--data", str(tiny_dataset), "--test", pair)
+    assert code == 2
+    (error,) = errors(events)
+    assert "--data and --test" in error["message"]
 
 
 def test_dataset_folder_without_split(run_main, tmp_path, tiny_dataset):

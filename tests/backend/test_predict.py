@@ -216,6 +216,88 @@ def test_cancelled_prediction_leaves_nothing(tmp_path):
         assert not list(out_dir.iterdir())
 
 
+# IDENTITY at the test rasters' 0.5 m: no warning about missing metadata.
+AT_HALF_METRE = {**IDENTITY, "resolution": 50}
+
+
+def banded_raster(path: Path, dtype: str = "uint8") -> Path:
+    """Three bands of constant, distinct values (10, 20, 200): a band_net output names the band it was fed."""
+    return write_raster(path, np.stack([np.full((40, 40), v, dtype) for v in (10, 20, 200)]))
+
+
+def test_default_bands_are_the_training_bands_and_other_bands_warn(tmp_path, capsys):
+    """A model trained on bands 3,2,1 reads 3,2,1 unless told otherwise; other bands work with a warning."""
+    meta = {**AT_HALF_METRE, "road_sslkd_training": {"bands": [3, 2, 1], "preset": "tiny"}}
+    model = write_model(tmp_path / "bgr.onnx", band_net(), meta)
+    raster = banded_raster(tmp_path / "r.tif")
+
+    def first_band_fed(*flags: str) -> int:
+        out = tmp_path / f"out{len(flags)}"
+        run_cli(model, raster, "--out", out, *flags)
+        with rasterio.open(out / f"r{predict.PROBABILITY_SUFFIX}") as dst:
+            return int(np.median(dst.read(1)))
+
+    assert first_band_fed() == 200
+    assert not [e for e in events_of(capsys) if e["event"] == "warning"]
+    assert first_band_fed("--bands", "1,2,3") == 10
+    warnings = [e["message"] for e in events_of(capsys) if e["event"] == "warning"]
+    assert len(warnings) == 1 and "trained on bands 3,2,1 but reads bands 1,2,3 of" in warnings[0]
+    assert "--bands 3,2,1" in warnings[0] and "r.tif" in warnings[0]
+    # A raster without band 4 of a model trained on 4,3,2: its first bands, with the same warning.
+    nir = {**AT_HALF_METRE, "road_sslkd_training": {"bands": [4, 3, 2]}}
+    four = write_model(tmp_path / "nir.onnx", band_net(), nir)
+    run_cli(four, raster, "--out", tmp_path / "nir")
+    assert any("trained on bands 4,3,2 but reads bands 1,2,3" in e.get("message", "") for e in events_of(capsys))
+
+
+def test_another_data_type_than_training_warns_and_names_the_fix(tmp_path, capsys):
+    trained_on_bytes = write_model(tmp_path / "u8.onnx", band_net(), {
+        **AT_HALF_METRE, "road_sslkd_training": {"bands": [1, 2, 3], "dtype": "uint8"}})
+    wide = banded_raster(tmp_path / "wide.tif", "uint16")
+    run_cli(trained_on_bytes, wide, banded_raster(tmp_path / "byte.tif"), "--out", tmp_path / "out")
+    warnings = [e["message"] for e in events_of(capsys) if e["event"] == "warning"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{wide} is uint16 but the model was trained on uint8")
+    assert "gdal_translate -ot Byte -scale" in warnings[0] and "train a model on this kind of imagery" in warnings[0]
+    # Models that do not record it (older runs, Deepness models) stay silent.
+    run_cli(write_model(tmp_path / "old.onnx", band_net(), AT_HALF_METRE), wide, "--out", tmp_path / "old")
+    assert not [e for e in events_of(capsys) if e["event"] == "warning"]
+
+
+def test_export_records_the_training_bands_and_data_type(tmp_path):
+    """A run on uint16 imagery, bands 3,2,1: its ONNX says so, and predict reads those bands by default."""
+    from road_sslkd.config import make_config
+    from road_sslkd.data import DatasetSpec, Normalizer
+    from road_sslkd.export import export_run_model
+    from road_sslkd.models import build_model
+    from road_sslkd.runs import RunDir
+
+    image = banded_raster(tmp_path / "image.tif", "uint16")
+    mask = write_raster(tmp_path / "mask.tif", np.ones((1, 40, 40), np.uint8))
+    config = make_config("tiny", bands=[3, 2, 1])
+    run = RunDir.create(tmp_path / "run", config, DatasetSpec.from_lists([f"{image}::{mask}"], [], []))
+    run.normalizer = Normalizer([0.5] * 3, [0.25] * 3)
+    run.save_model("student_sslkd", build_model(config.student, 3, weights="none"))
+    info = load_model(export_run_model(run, "student_sslkd", tmp_path / "student.onnx"), "cpu", 1).info
+    assert (info.training_bands, info.training_dtype) == ((3, 2, 1), "uint16")
+    assert info.default_bands(3) == [3, 2, 1] and info.default_bands(2) == [1, 2, 3]
+
+
+def test_outputs_never_replace_an_input(tmp_path):
+    model = write_model(tmp_path / "m.onnx", band_net(), IDENTITY)
+    out = tmp_path / "out"
+    out.mkdir()
+    # An earlier result given as an input, and a raster whose result would take its name.
+    earlier = banded_raster(out / f"scene{predict.PROBABILITY_SUFFIX}")
+    scene = banded_raster(tmp_path / "scene.tif")
+    before = earlier.read_bytes()
+    with pytest.raises(UserError, match="would overwrite the input raster") as err:
+        run_cli(model, earlier, scene, "--out", out, "--overwrite")
+    assert "another --out" in err.value.hint and earlier.read_bytes() == before
+    with pytest.raises(UserError, match="is a file") as err:
+        run_cli(model, scene, "--out", scene)
+    assert "folder" in err.value.hint
+
+
 def test_predict_command_loads_no_torch():
     code = "import sys, road_sslkd.predict\nassert 'torch' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)

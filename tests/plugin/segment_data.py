@@ -60,9 +60,15 @@ MODEL_CODE = textwrap.dedent("""
 
 
 def make_model(
-    path: Path, bands: int = 3, resolution_cm: Optional[float] = None, tile: int = 64, kind: str = "segmentor"
+    path: Path,
+    bands: int = 3,
+    resolution_cm: Optional[float] = None,
+    tile: int = 64,
+    kind: str = "segmentor",
+    training: Optional[dict] = None,
 ) -> Path:
-    """Write the pointwise road model (Deepness-style metadata: pixels / 255, mean 0, std 1)."""
+    """Write the pointwise road model (Deepness-style metadata: pixels / 255, mean 0, std 1); ``training`` is
+    our provenance key ``road_sslkd_training`` as ``road-sslkd export`` writes it (bands, data type)."""
     meta = {
         "_gain": GAIN,
         "model_type": "Segmentor",
@@ -77,6 +83,8 @@ def make_model(
     }
     if resolution_cm is not None:
         meta["resolution"] = str(resolution_cm)
+    if training is not None:
+        meta["road_sslkd_training"] = json.dumps(training)
     result = subprocess.run(
         [str(BACKEND_PYTHON), "-c", MODEL_CODE, str(path), str(bands), json.dumps(meta), kind],
         capture_output=True,

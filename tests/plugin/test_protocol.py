@@ -9,6 +9,7 @@ from road_sslkd_plugin.core.protocol import (
     clean_environment,
     format_eta,
     overall_fraction,
+    pair_arg,
     parse_event_line,
     resume_args,
 )
@@ -39,12 +40,12 @@ def test_train_arguments_are_a_list_with_every_option():
         "--preset",
         "cpu",
         "--labelled",
-        "C:\\data\\img 1.tif:C:\\data\\roads.gpkg",
-        "/d/i2.tif:/d/m2.tif",
+        "C:\\data\\img 1.tif::C:\\data\\roads.gpkg",
+        "/d/i2.tif::/d/m2.tif",
         "--unlabelled",
         "/d/u1.tif",
         "--test",
-        "/d/t.tif:/d/tm.tif",
+        "/d/t.tif::/d/tm.tif",
         "--label-width",
         "6",
         "--steps-scale",
@@ -67,8 +68,18 @@ def test_train_arguments_are_a_list_with_every_option():
 
 def test_defaults_add_no_options():
     args = TrainRequest(run_dir="/r", labelled=[("/i.tif", "/m.tif")]).to_args()
-    assert args == ["train", "--out", "/r", "--preset", "tiny", "--labelled", "/i.tif:/m.tif"]
+    assert args == ["train", "--out", "/r", "--preset", "tiny", "--labelled", "/i.tif::/m.tif"]
     assert resume_args("/r") == ["train", "--resume", "/r"]
+
+
+def test_pairs_with_colons_in_their_paths_stay_whole():
+    """The backend splits a pair at "::" before anything else: a ":" inside a path must not split it."""
+    request = TrainRequest(run_dir="/r", labelled=[("/scans/2024:05/a.tif", "/labels/a:roads.gpkg")],
+                           test=[("C:\\t:1.tif", "D:\\m.tif")])
+    args = request.to_args()
+    assert args[args.index("--labelled") + 1] == "/scans/2024:05/a.tif::/labels/a:roads.gpkg"
+    assert args[args.index("--test") + 1] == "C:\\t:1.tif::D:\\m.tif"
+    assert pair_arg(("x:y.tif", "m.tif")).split("::", 1) == ["x:y.tif", "m.tif"]
 
 
 def test_clean_environment_drops_qgis_python():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from osgeo import gdal
-from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle
+from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle
 from segment_data import ORIGIN, expected_probability, make_model, make_raster
 
 import road_sslkd_plugin
@@ -24,6 +24,10 @@ def data(tmp_path_factory):
         "pixels": make_raster(folder / "scene.tif"),
         "model": make_model(folder / "pointwise.onnx"),
         "model_1m": make_model(folder / "pointwise_1m.onnx", resolution_cm=100.0),
+        # Trained on bands 3,2,1 of 16-bit imagery: band 3 is read, and the 8-bit scene gets a warning.
+        "bgr16": make_model(
+            folder / "bgr16.onnx", resolution_cm=50.0, training={"bands": [3, 2, 1], "dtype": "uint16"}
+        ),
         "folder": folder,
     }
 
@@ -154,6 +158,21 @@ def test_clear_messages_when_it_cannot_run(qgis_iface, scene, data, tmp_path):
     assert "not a usable ONNX model" in texts[-1]
     with pytest.raises(segment.SegmentError, match="has 3 bands, the model needs 4"):
         segment.check_bands(scene, 4)
+
+
+def test_reads_the_training_bands_and_warns_about_another_data_type(qgis_iface, scene, data):
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    layer, text = _run(ExtentSegmenter(qgis_iface), model_path=str(data["bgr16"]))
+    assert layer is not None and layer.isValid(), text
+    values, transform = _read(layer.source())
+    col0, row0 = round((transform[0] - ORIGIN[0]) / 0.5), round((ORIGIN[1] - transform[3]) / 0.5)
+    source = data["pixels"][2][row0 : row0 + values.shape[0], col0 : col0 + values.shape[1]]
+    off = np.abs(values.astype(int) - expected_probability(source))
+    assert off[10:, 10:].max() <= 1  # away from the nodata corner
+    warnings = bar.get_messages(Qgis.MessageLevel.Warning)
+    assert any("is uint8 but the model was trained on uint16 imagery" in w for w in warnings), warnings
 
 
 def test_toolbar_action_and_dock_button(qgis_iface, scene, data):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,8 @@ class Config:
         return asdict(self)
 
 
+STAGE_NAMES = ("teacher_a", "teacher_b", "teachers_ssl", "student_supervised", "student_ssl", "student_kd",
+               "student_sslkd")
 CONFIDENCE = ("weight", "threshold", "none")
 PRETRAIN = "pretrain"  # the weights setting that pretrains the encoders on the run's own images first
 SSLKD_TEACHERS = {"ssl": "_ssl", "warmup": ""}  # sslkd_teachers -> the suffix of the teachers' model names
@@ -133,6 +137,49 @@ def _known(keys: dict[str, Any], source: str) -> None:
         raise UserError(f"unknown setting(s) {', '.join(unknown)} in {source}", f"valid: {', '.join(sorted(names))}")
 
 
+_TYPES = typing.get_type_hints(Config)
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether ``value`` has the type ``kind`` of a Config field (a whole number passes for a float, a
+    boolean never for a number, and a float must be finite)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _check(values: dict[str, Any], source: str) -> None:
+    """Known names and values of their field's type: a wrong one fails here, before a run folder exists."""
+    _known(values, source)
+    for name, value in values.items():
+        kind, default = _TYPES[name], getattr(Config(), name)
+        if not _fits(value, kind):
+            kind_name = kind.__name__ if isinstance(kind, type) else str(kind)
+            raise UserError(f"setting {name} in {source} must be {kind_name}, not {json.dumps(value)}",
+                            f"e.g. \"{name}\": {json.dumps(default)}")
+        if name == "steps" and set(value) - set(default):
+            raise UserError(f"unknown step kind(s) {', '.join(sorted(set(value) - set(default)))} in {source}",
+                            f"steps has: {', '.join(default)}")
+    if "stages" in values:
+        check_stages(values["stages"])
+
+
+def check_stages(stages: list[str]) -> list[str]:
+    """``stages`` when it names stages only (at least one), else a UserError naming the others."""
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown or not stages:
+        raise UserError(f"unknown stage(s): {', '.join(map(repr, unknown))}" if unknown else "no stage given",
+                        f"stages: {', '.join(STAGE_NAMES)}")
+    return stages
+
+
 def make_config(preset: str, config_file: Path | None = None, **overrides: Any) -> Config:
     """Preset, then the JSON file's keys, then explicit overrides (None values are ignored)."""
     if preset not in PRESETS:
@@ -145,12 +192,12 @@ def make_config(preset: str, config_file: Path | None = None, **overrides: Any) 
             raise UserError(f"cannot read config file {config_file}: {exc}", "give a JSON object of settings") from exc
         if not isinstance(data, dict):
             raise UserError(f"config file {config_file} is not a JSON object", "write {\"setting\": value, ...}")
-        _known(data, str(config_file))
+        _check(data, str(config_file))
         if "steps" in data:
             data["steps"] = {**cfg.steps, **data["steps"]}
         cfg = replace(cfg, **data)
     given = {k: v for k, v in overrides.items() if v is not None}
-    _known(given, "the command line")
+    _check(given, "the command line")
     cfg = replace(cfg, **given)
     if cfg.confidence not in CONFIDENCE:
         raise UserError(f"unknown confidence '{cfg.confidence}'", f"choose one of: {', '.join(CONFIDENCE)}")

@@ -1,8 +1,8 @@
 """Datasets of rasters: reading in windows, labels from masks or road lines, normalisation, random crops.
 
 Pixels are scaled by 1/255 and then standardised per band with statistics computed on the run's rasters
-(the Deepness convention, so exported students run in Deepness too). Nodata pixels are marked invalid and
-ignored by every loss and metric.
+(the Deepness convention, so exported students run in Deepness too). Nodata pixels, and NaN or infinite
+values, are marked invalid and ignored by every loss, metric and statistic.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import rasterio
 import torch
+from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from .events import UserError
@@ -27,6 +28,9 @@ warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarni
 VECTOR_SUFFIXES = {".gpkg", ".shp", ".geojson", ".json", ".fgb", ".sqlite", ".kml"}
 WIDTH_FIELDS = ("width_m", "width")
 CACHE_PIXELS = 16_000_000  # rasters up to this size are read once and kept; larger ones are read per window
+# How far (in image pixels) a mask's corners may lie from its image's: exported grids round their origins far
+# below it, while a mask shifted or scaled onto another footprint moves its labels by a pixel or more.
+GRID_TOLERANCE_PX = 0.25
 PathLike = Union[str, Path]
 
 
@@ -57,7 +61,7 @@ class DatasetSpec:
         except ValueError as exc:
             raise UserError(f"{split} is not valid JSON: {exc}", "fix the file") from exc
         try:
-            return cls(
+            spec = cls(
                 labelled=[Pair(folder / p["image"], folder / p["mask"]) for p in data.get("labelled", [])],
                 unlabelled=[folder / p for p in data.get("unlabelled", [])],
                 test=[Pair(folder / p["image"], folder / p["mask"]) for p in data.get("test", [])],
@@ -65,10 +69,32 @@ class DatasetSpec:
         except (KeyError, TypeError) as exc:
             message = f"{split}: entries need 'image' and 'mask' ({exc})"
             raise UserError(message, "see DESIGN.md's split format") from exc
+        return spec._require_files(f"check {split}: its paths are relative to {folder}")
 
     @classmethod
     def from_lists(cls, labelled: list[str], unlabelled: list[str], test: list[str]) -> DatasetSpec:
-        return cls([parse_pair(p) for p in labelled], [Path(p) for p in unlabelled], [parse_pair(p) for p in test])
+        """Pairs and rasters given on the command line."""
+        spec = cls([parse_pair(p) for p in labelled], [Path(p) for p in unlabelled], [parse_pair(p) for p in test])
+        return spec._require_files(f"check the path: relative paths are relative to the current folder, {Path.cwd()}")
+
+    @classmethod
+    def from_args(cls, folder: Optional[Path], labelled: Sequence[str] = (), unlabelled: Sequence[str] = (),
+                  test: Sequence[str] = ()) -> DatasetSpec:
+        """``--data DIR`` or explicit lists, never both: one of them would be silently ignored."""
+        given = [flag for flag, paths in (("--labelled", labelled), ("--unlabelled", unlabelled), ("--test", test))
+                 if paths]
+        if folder and given:
+            raise UserError(f"--data and {'/'.join(given)} were both given",
+                            f"give either --data DIR (its split.json lists every raster) or {'/'.join(given)}")
+        return cls.from_split(folder) if folder else cls.from_lists(list(labelled), list(unlabelled), list(test))
+
+    def _require_files(self, hint: str) -> DatasetSpec:
+        """Missing files fail here, with a hint on where their paths came from (rasters open much later)."""
+        pairs = [*self.labelled, *self.test]
+        for path in [*(p.image for p in pairs), *(p.label for p in pairs), *self.unlabelled]:
+            if not path.exists():
+                raise UserError(f"file not found: {path}", hint)
+        return self
 
     def to_json(self) -> dict:
         """Absolute paths: a run resumed, evaluated or exported from another folder still finds its rasters."""
@@ -83,11 +109,12 @@ class DatasetSpec:
 
     @classmethod
     def from_json(cls, data: dict) -> DatasetSpec:
-        return cls.from_lists(
-            [f"{p['image']}::{p['mask']}" for p in data["labelled"]],
-            data["unlabelled"],
-            [f"{p['image']}::{p['mask']}" for p in data["test"]],
-        )
+        """A run's stored dataset; its files are not required (export and evaluate --test work without them)."""
+        def pair(p: dict) -> Pair:
+            return Pair(Path(p["image"]), Path(p["mask"]))
+
+        return cls([pair(p) for p in data["labelled"]], [Path(p) for p in data["unlabelled"]],
+                   [pair(p) for p in data["test"]])
 
 
 _PAIR = re.compile(r"^((?:[A-Za-z]:[\\/])?[^:]+):((?:[A-Za-z]:[\\/])?[^:]+)$")
@@ -106,7 +133,7 @@ def parse_pair(text: str) -> Pair:
 
 def _open(path: Path) -> rasterio.DatasetReader:
     if not path.exists():
-        raise UserError(f"file not found: {path}", "check the path (relative paths are relative to split.json)")
+        raise UserError(f"file not found: {path}", "check the path")
     try:
         return rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
@@ -129,26 +156,30 @@ class Raster:
         self.height, self.width = self.ds.height, self.ds.width
         self._cache: Optional[tuple[np.ndarray, np.ndarray]] = None
         if self.height * self.width <= CACHE_PIXELS:
-            self._cache = self._read(Window(0, 0, self.width, self.height))
+            self._cache = self._read(window=Window(0, 0, self.width, self.height))
 
-    def _read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        image = self.ds.read(self.bands, window=window).astype(np.float32) / 255.0
-        valid = np.all(self.ds.read_masks(self.bands, window=window) > 0, axis=0)
+    def _read(self, **where: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels and validity of a window (``window=``) or a decimated whole (``out_shape=``)."""
+        image = self.ds.read(self.bands, **where).astype(np.float32) / 255.0
+        valid = np.all(self.ds.read_masks(self.bands, **where) > 0, axis=0)
+        # NaN and infinite values (float rasters often have them without a declared nodata) are nodata too,
+        # and zeroed: one of them would turn a normaliser, a network's output and its loss into NaN.
+        finite = np.isfinite(image)
+        if not finite.all():
+            valid &= finite.all(axis=0)
+            image[~finite] = 0.0
         return image, valid
 
     def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is not None:
             image, valid = self._cache
             return image[:, y : y + h, x : x + w], valid[y : y + h, x : x + w]
-        return self._read(Window(x, y, w, h))
+        return self._read(window=Window(x, y, w, h))
 
     def overview(self, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """A decimated read of the whole raster (for statistics and sanity checks)."""
         scale = max(1, max(self.height, self.width) // size)
-        shape = (len(self.bands), max(1, self.height // scale), max(1, self.width // scale))
-        image = self.ds.read(self.bands, out_shape=shape).astype(np.float32) / 255.0
-        valid = np.all(self.ds.read_masks(self.bands, out_shape=shape) > 0, axis=0)
-        return image, valid
+        return self._read(out_shape=(len(self.bands), max(1, self.height // scale), max(1, self.width // scale)))
 
 
 class Label:
@@ -162,40 +193,97 @@ class Label:
             self.ds = None
         else:
             self.ds = _open(pair.label)
-            if (self.ds.height, self.ds.width) != (raster.height, raster.width):
-                raise UserError(
-                    f"mask {pair.label} is {self.ds.width}x{self.ds.height} px but its image {pair.image} is "
-                    f"{raster.width}x{raster.height}",
-                    "masks must be on the image's pixel grid; resample the mask to the image",
-                )
-            if self.ds.crs and raster.ds.crs and self.ds.crs != raster.ds.crs:
-                raise UserError(
-                    f"mask {pair.label} is in {self.ds.crs} but its image in {raster.ds.crs}",
-                    "reproject the mask onto the image's grid",
-                )
+            self._check_grid(pair, raster)
             self._mask = None
             if raster.height * raster.width <= CACHE_PIXELS:
-                self._mask = self._read_raster(Window(0, 0, raster.width, raster.height))
+                self._mask = self._read_raster(window=Window(0, 0, raster.width, raster.height))
+            self._check_background()
 
-    def _read_raster(self, window: Window) -> np.ndarray:
-        band = self.ds.read(1, window=window)
-        valid = self.ds.read_masks(1, window=window) > 0
-        # 255 marks "unknown" in the second array: such pixels are ignored like nodata.
+    def _check_grid(self, pair: Pair, raster: Raster) -> None:
+        """A single-band mask on its image's pixel grid: same size, georeferencing, CRS and footprint."""
+        mask, image = self.ds, raster.ds
+        if mask.count != 1:
+            raise UserError(f"mask {pair.label} has {mask.count} bands; a mask has one (road > 0, background 0)",
+                            f"keep the band that holds the roads, e.g. gdal_translate -b 1 {pair.label} mask.tif")
+        if (mask.height, mask.width) != (image.height, image.width):
+            raise UserError(
+                f"mask {pair.label} is {mask.width}x{mask.height} px but its image {pair.image} is "
+                f"{image.width}x{image.height}",
+                "masks must be on the image's pixel grid; resample the mask to the image",
+            )
+        # Plain PNG/JPEG pairs (no CRS, identity transform) are matched in pixel space; georeferencing on one
+        # side only means the two were not made on the same grid.
+        if _georeferenced(mask) != _georeferenced(image):
+            lacking, having = (("mask", pair.label), ("image", pair.image)) if _georeferenced(image) else (
+                ("image", pair.image), ("mask", pair.label))
+            raise UserError(f"{lacking[0]} {lacking[1]} has no georeferencing but its {having[0]} {having[1]} has",
+                            "give both the same georeferencing (gdal_edit.py -a_srs and -a_ullr, or a world "
+                            "file), or neither")
+        if mask.crs != image.crs:
+            raise UserError(
+                f"mask {pair.label} is in {mask.crs or 'no CRS'} but its image {pair.image} in {image.crs or 'no CRS'}",
+                f"reproject the mask onto the image's grid (gdalwarp), or, when it only lacks one, assign the "
+                f"image's CRS (gdal_edit.py -a_srs {image.crs or mask.crs} FILE)",
+            )
+        offset = _grid_offset(image.transform, mask.transform, image.width, image.height)
+        if offset > GRID_TOLERANCE_PX:
+            raise UserError(
+                f"mask {pair.label} covers another footprint than its image {pair.image}: its corners lie up "
+                f"to {offset:.1f} px from the image's",
+                "resample the mask onto the image's grid (gdalwarp with the image's -te bounds and -ts size)",
+            )
+
+    def _check_background(self) -> None:
+        """Refuse a raster mask whose labelled pixels are all road.
+
+        A real road mask always has background, so no legitimate mask can be refused. A mask without any is
+        most often a 0/1 mask whose nodata value is 0 (rasterising tools write one): every background pixel
+        became "unknown", and training would learn that everything is road.
+        """
+        mask = self._whole()
+        if (mask == 0).any() or not (mask == 1).any():
+            return  # background, or no road at all (training says so: LabelledSet.require_roads)
+        if self.ds.nodata is not None and (mask == 255).any():
+            raise UserError(f"mask {self.path} has no background pixel: its nodata value {self.ds.nodata:g} "
+                            "marks them all as unknown",
+                            f"unset the nodata value (gdal_edit.py -unsetnodata {self.path}), or give unknown "
+                            "pixels a nodata value that background does not have")
+        raise UserError(f"mask {self.path} has no background pixel: every labelled pixel is road",
+                        "masks hold background as 0 and roads > 0; an alpha or mask band must not hide the "
+                        "background")
+
+    def _read_raster(self, **where: Any) -> np.ndarray:
+        """0/1 road of a window (``window=``) or a decimated whole (``out_shape=``); 255 where unknown."""
+        band = self.ds.read(1, **where)
+        # Nodata, masked and NaN pixels are "unknown", ignored like nodata in images.
+        valid = (self.ds.read_masks(1, **where) > 0) & np.isfinite(band)
         return np.where(valid, (band > 0).astype(np.uint8), 255).astype(np.uint8)
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         if self._mask is not None:
             return self._mask[y : y + h, x : x + w]
-        return self._read_raster(Window(x, y, w, h))
+        return self._read_raster(window=Window(x, y, w, h))
+
+    def _whole(self) -> np.ndarray:
+        """The whole label: the one kept in memory, or a decimated read of a large mask."""
+        return self._mask if self._mask is not None else self._read_raster(out_shape=(512, 512))
 
     def road_fraction(self) -> float:
-        if self._mask is not None:
-            mask = self._mask
-        else:
-            mask = np.where(self.ds.read_masks(1, out_shape=(512, 512)) > 0,
-                            self.ds.read(1, out_shape=(512, 512)) > 0, 255)
+        """Road share of the labelled (known) pixels; 0 when none is labelled."""
+        mask = self._whole()
         known = mask != 255
         return float((mask == 1).sum() / max(1, known.sum()))
+
+
+def _georeferenced(ds: rasterio.DatasetReader) -> bool:
+    return ds.crs is not None or not ds.transform.is_identity
+
+
+def _grid_offset(image: Affine, mask: Affine, width: int, height: int) -> float:
+    """The largest distance, in image pixels, between a corner of the mask's grid and the image's."""
+    to_image = ~image * mask  # mask pixel -> map -> image pixel
+    corners = [(0, 0), (width, 0), (0, height), (width, height)]
+    return max(max(abs(c - x), abs(r - y)) for x, y in corners for c, r in [to_image * (x, y)])
 
 
 def road_prior(labels: list[Label]) -> float:
@@ -261,7 +349,7 @@ class Normalizer:
 def check_raster(raster: Raster) -> None:
     _, valid = raster.overview()
     if not valid.any():
-        raise UserError(f"{raster.path} has no valid pixel (all nodata)", "remove it from the dataset")
+        raise UserError(f"{raster.path} has no valid pixel (all nodata or NaN)", "remove it from the dataset")
 
 
 class LabelledSet:

@@ -89,11 +89,16 @@ def _run(args: argparse.Namespace) -> None:
     from .runs import RunDir
     from .trainer import pick_device
 
+    spec = DatasetSpec.from_args(args.data, test=args.test)
+    if args.data and not spec.test:  # not the run's own test rasters instead: the user asked for these
+        raise events.UserError(f"{args.data / 'split.json'} has no 'test' entries",
+                               "add test pairs to it, pass --test IMAGE:MASK ... instead, or neither to score the "
+                               "run's own test rasters")
     run = RunDir.open(args.run)
-    spec = DatasetSpec.from_split(args.data) if args.data else DatasetSpec.from_lists([], [], args.test)
     pairs = spec.test or run.dataset.test
     if not pairs:
-        raise events.UserError("no test rasters", "pass --test IMAGE:MASK ... or --data DIR with a 'test' split")
+        raise events.UserError(f"no test rasters: {args.run} was trained without any",
+                               "pass --test IMAGE:MASK ... or --data DIR with a 'test' split")
     items = LabelledSet(pairs, run.config.bands, run.config.label_width).items
     names = [n for n in args.models.split(",") if n] or sorted(p.stem for p in (run.path / "models").glob("*.pt"))
     device = pick_device(args.device)

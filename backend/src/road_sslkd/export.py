@@ -119,14 +119,17 @@ def export_run_model(run: Any, name: str, path: Path, overwrite: bool = False,
 
     cfg = run.config
     model = run.load_model(name)
-    resolution = None
-    if run.dataset.labelled:
+    resolution, dtype = None, None
+    if run.dataset.labelled:  # the first training raster stands for all: resolution and data type
         with rasterio.open(run.dataset.labelled[0].image) as ds:
             ground = ground_resolution_m(ds)
+            dtype = ds.dtypes[cfg.bands[0] - 1]
         resolution = None if ground is None else round(100 * ground[0], 3)
     summary = {
         "labelled": len(run.dataset.labelled), "unlabelled": len(run.dataset.unlabelled),
         "teachers": [cfg.teacher_a, cfg.teacher_b], "preset": cfg.preset, "bands": cfg.bands,
+        # Prediction warns when a raster of another data type comes: every type is divided by 255 alike.
+        **({"dtype": dtype} if dtype else {}),
         "metrics": run.metrics()["models"].get(name, {}),
     }
     meta = onnx_metadata(model, run.normalizer.mean, run.normalizer.std, cfg.tile, cfg.overlap, resolution,

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import io
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,20 @@ META_KEYS = {
     "threshold": ("seg_thresh",),
 }
 EXPORT_HINT = "export the model again with `road-sslkd export`, or check that it is a complete .onnx file"
+TRAINING_KEY = "road_sslkd_training"  # our provenance summary: {"bands": [...], "dtype": "uint8", ...}
+# numpy dtype -> GDAL type name, for the gdal_translate command a dtype warning suggests.
+GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
+              "int32": "Int32", "float32": "Float32", "float64": "Float64"}
+METRES_PER_DEGREE = 111_320.0  # of latitude, and of longitude at the equator (spherical Earth)
+# Relative difference between a raster's and the model's resolution below which the raster is read as it is
+# (the backend's predict and the plugin alike).
+RESAMPLE_TOLERANCE = 0.05
+
+
+def metres_per_degree(latitude: float) -> tuple[float, float]:
+    """Ground metres per degree of longitude and of latitude at ``latitude``: a geographic CRS's pixel size
+    in metres, the same for the backend (rasterio) and the plugin (QGIS), so both read on one grid."""
+    return METRES_PER_DEGREE * math.cos(math.radians(latitude)), METRES_PER_DEGREE
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,8 @@ class ModelInfo:
     road_channel: int = 0
     fixed_batch: Optional[int] = None  # models exported with a static batch size (often 1 in Deepness)
     defaulted: tuple[str, ...] = ()  # metadata keys that were missing
+    training_bands: Optional[tuple[int, ...]] = None  # 1-based raster bands the model was trained on
+    training_dtype: Optional[str] = None  # numpy name of the training rasters' data type ("uint8")
 
     @property
     def overlap_px(self) -> int:
@@ -69,6 +86,35 @@ class ModelInfo:
         image *= 1.0 / (255.0 * std)
         image -= mean / std
         return image
+
+    def default_bands(self, count: int) -> list[int]:
+        """The bands to read from a raster of ``count`` bands when none were chosen: the training bands where
+        the raster has them, else the first ``bands``."""
+        if self.training_bands and max(self.training_bands) <= count:
+            return list(self.training_bands)
+        return list(range(1, self.bands + 1))
+
+    def band_warning(self, chosen: list[int], what: str, option: str) -> Optional[str]:
+        """Why bands ``chosen`` of ``what`` may give poor roads, when they are not the training bands;
+        ``option`` names the band choice where the user is (``--bands`` on the command line, ``BANDS`` in
+        Processing)."""
+        if not self.training_bands or tuple(chosen) == self.training_bands:
+            return None
+        trained = ",".join(map(str, self.training_bands))
+        return (f"the model was trained on bands {trained} but reads bands {','.join(map(str, chosen))} of "
+                f"{what}: unless these hold the same imagery in the same order, expect poor roads (use {option} "
+                f"{trained} on a raster that has those bands)")
+
+    def dtype_warning(self, dtype: str, what: str) -> Optional[str]:
+        """Why ``what`` (a raster of data type ``dtype``) may give poor roads, when the model was trained on
+        another data type; None when they match or the model does not say (older runs, Deepness models)."""
+        if not self.training_dtype or dtype == self.training_dtype:
+            return None
+        target = GDAL_TYPES.get(self.training_dtype, self.training_dtype)
+        return (f"{what} is {dtype} but the model was trained on {self.training_dtype} imagery: pixels are scaled "
+                f"as in training (divided by 255), so its values lie far outside what the model learnt; rescale "
+                f"it to {self.training_dtype} (e.g. gdal_translate -ot {target} -scale IN.tif OUT.tif), or train "
+                "a model on this kind of imagery")
 
     def probabilities(self, output: np.ndarray) -> np.ndarray:
         """Model output (N, C, H, W) or (N, H, W) to road probability (N, H, W)."""
@@ -116,6 +162,20 @@ def _road_channel(class_names: Any, channels: int) -> Optional[int]:
         named = {}
     roads = [i for i, n in sorted(named.items()) if "road" in n.lower() and i < channels]
     return roads[0] if roads else None
+
+
+def _training(meta: dict[str, str], bands: int) -> dict[str, Any]:
+    """``training_bands`` and ``training_dtype`` from our provenance key, where present and consistent."""
+    summary = _meta_value(meta, TRAINING_KEY)
+    if not isinstance(summary, dict):
+        return {}
+    found: dict[str, Any] = {}
+    trained = summary.get("bands")
+    if isinstance(trained, list) and len(trained) == bands and all(isinstance(b, int) and b >= 1 for b in trained):
+        found["training_bands"] = tuple(trained)
+    if summary.get("dtype") in GDAL_TYPES:
+        found["training_dtype"] = summary["dtype"]
+    return found
 
 
 def read_model_info(session: ort.InferenceSession, name: str) -> tuple[ModelInfo, list[str]]:
@@ -169,6 +229,7 @@ def read_model_info(session: ort.InferenceSession, name: str) -> tuple[ModelInfo
         road_channel=road_channel,
         fixed_batch=in_shape[0] if isinstance(in_shape[0], int) else None,
         defaulted=defaulted,
+        **_training(meta, bands),
         **{**defaults, **present},
     )
     warnings = []

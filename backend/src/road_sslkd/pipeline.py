@@ -23,7 +23,7 @@ import numpy as np
 
 from . import distributed, events
 from .baselines import UniMatchStage
-from .config import PRETRAIN, SSLKD_TEACHERS, Config, make_config
+from .config import PRETRAIN, SSLKD_TEACHERS, STAGE_NAMES, Config, check_stages, make_config
 from .data import DatasetSpec, LabelledSet
 from .distillation import DistillStage
 from .evaluate import evaluate_model, onnx_throughput
@@ -59,8 +59,6 @@ def teachers_of(cfg: Config, student: str) -> tuple[str, ...]:
     return tuple(f"teacher_{t}{suffix}" for t in cfg.student_teachers)
 
 
-STAGE_NAMES = ("teacher_a", "teacher_b", "teachers_ssl", "student_supervised", "student_ssl", "student_kd",
-               "student_sslkd")
 EXAMPLES = 3  # test rasters whose predictions are kept for the report's overlays
 STUDENTS = ("student_sslkd", "student_kd", "student_ssl", "student_supervised")
 
@@ -68,9 +66,7 @@ STUDENTS = ("student_sslkd", "student_kd", "student_ssl", "student_supervised")
 def train(run: RunDir, device_name: str = "auto", command: str = "", export: bool = True) -> dict:
     """Run the configured stages (skipping finished ones), evaluate, export the student, write the report."""
     cfg = run.config
-    unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
-    if unknown:
-        raise events.UserError(f"unknown stage(s): {', '.join(unknown)}", f"stages: {', '.join(STAGE_NAMES)}")
+    check_stages(cfg.stages)  # a run folder written before stage names were checked on the way in
     device = pick_device(device_name)
     if not run.dataset.unlabelled and any(s in ("teachers_ssl", "student_ssl", "student_sslkd") for s in cfg.stages):
         events.warning("no unlabelled rasters given: the labelled images serve as the unlabelled pool")
@@ -250,7 +246,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help="tiny (a few minutes, tests), cpu (2-core profile) or gpu (paper)")
+    p.add_argument("--preset", help="tiny (a few minutes, tests), cpu (2-core profile, the default) or gpu (paper)")
     p.add_argument("--config", type=Path, help="JSON file overriding any setting")
     p.add_argument("--steps-scale", type=float, help="multiply every stage's steps (training length)")
     p.add_argument("--seed", type=int)
@@ -263,21 +259,22 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **extra: object) -> Config:
-    bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    """The preset (cpu when none is given), the --config file and the flags; checked before anything is written."""
+    try:
+        bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    except ValueError as exc:
+        raise events.UserError(f"--bands {args.bands} is not a list of band numbers", "e.g. --bands 1,2,3") from exc
     weights = args.weights
     if weights not in (None, "imagenet", "none", PRETRAIN):
         weights = str(Path(weights).resolve())  # the run folder keeps it: a resume may start elsewhere
-    cfg = make_config(args.preset, args.config, steps_scale=args.steps_scale, seed=args.seed, bands=bands,
+    cfg = make_config(args.preset or "cpu", args.config, steps_scale=args.steps_scale, seed=args.seed, bands=bands,
                       label_width=args.label_width, weights=weights, device=args.device, **extra)
     check_weights(cfg)  # before a run folder is written
     return cfg
 
 
 def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
-    if args.data and (args.labelled or args.unlabelled or args.test):
-        raise events.UserError("give either --data or explicit --labelled/--unlabelled/--test lists", "not both")
-    return DatasetSpec.from_split(args.data) if args.data else DatasetSpec.from_lists(
-        args.labelled, args.unlabelled, args.test)
+    return DatasetSpec.from_args(args.data, labelled=args.labelled, unlabelled=args.unlabelled, test=args.test)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -290,10 +287,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+# What `train --resume` may be given besides the run folder: the rest lives in the run's config.json.
+RESUME_FLAGS = ("stages", "device")
+
+
+def _refuse_ignored_flags(args: argparse.Namespace) -> None:
+    """Data and settings flags next to --resume would be silently ignored: refuse them instead."""
+    own = {"command", "verbose", "func", "command_line", "resume", *RESUME_FLAGS}
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k not in own and v not in (None, [])]
+    if given:
+        raise events.UserError(
+            f"--resume continues {args.resume} with the data and settings of its own config.json; "
+            f"{', '.join(given)} would be ignored",
+            f"drop {', '.join(given)} (with --resume only --stages and --device apply), or start a new run with --out")
+
+
 def _run(args: argparse.Namespace) -> None:
     install_stop_handlers()
-    stages = args.stages.split(",") if args.stages else None
+    stages = check_stages(args.stages.split(",")) if args.stages else None
     if args.resume:
+        _refuse_ignored_flags(args)
         run = RunDir.open(args.resume)
         distributed.init(pick_device(args.device or run.config.device))  # under torchrun only
         check_weights(run.config)  # a weights file may have moved since the run started

@@ -10,7 +10,6 @@ worker processes predict one raster each at a time; the parent reports their eve
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import os
 import signal
@@ -34,12 +33,10 @@ from skimage.morphology import skeletonize
 
 from . import events
 from .events import UserError
-from .onnx_runtime import PROVIDERS, OnnxSegmenter, load_model
+from .onnx_runtime import PROVIDERS, RESAMPLE_TOLERANCE, OnnxSegmenter, load_model, metres_per_degree
 
 PROBABILITY_SUFFIX = "_road_prob.tif"
 CENTRELINES_SUFFIX = "_centrelines.gpkg"
-RESAMPLE_TOLERANCE = 0.05  # relative resolution difference below which the raster is used as it is
-METRES_PER_DEGREE = 111_320.0  # at the equator; scaled by cos(latitude) for longitudes
 STRIP_ROWS = 1024  # rows per strip where this module copies or vectorises rasters itself
 SPUR_PX_WITHOUT_CRS = 20.0
 GDAL_OPTIONS = {
@@ -66,8 +63,8 @@ def ground_resolution_m(dataset: rasterio.DatasetReader) -> Optional[tuple[float
         return None
     xres, yres = abs(dataset.transform.a), abs(dataset.transform.e)  # rotated rasters are rare in imagery
     if dataset.crs.is_geographic:
-        latitude = dataset.xy(dataset.height / 2, dataset.width / 2)[1]
-        return xres * METRES_PER_DEGREE * math.cos(math.radians(latitude)), yres * METRES_PER_DEGREE
+        x_metres, y_metres = metres_per_degree(dataset.xy(dataset.height / 2, dataset.width / 2)[1])
+        return xres * x_metres, yres * y_metres
     factor = dataset.crs.linear_units_factor[1]
     return xres * factor, yres * factor
 
@@ -143,12 +140,13 @@ def predict_file(
 ) -> bool:
     """Write the road probability GeoTIFF of ``raster`` (uint8 0-255, the raster's grid); False if cancelled.
 
-    Nodata (in every chosen band) becomes the output's per-dataset mask: every value 0-255 stays a
-    probability, and QGIS shows masked pixels as transparent. ``tta``: the mean over 8 flips and rotations.
+    ``bands``: None reads the model's default (``ModelInfo.default_bands``). Nodata (in every chosen band)
+    becomes the output's per-dataset mask: every value 0-255 stays a probability, and QGIS shows masked
+    pixels as transparent. ``tta``: the mean over 8 flips and rotations.
     """
-    bands = bands or list(range(1, model.info.bands + 1))
     partial = _partial(out_path)
     with _open(raster) as src, rasterio.Env(**GDAL_OPTIONS):
+        bands = bands or model.info.default_bands(src.count)
         _check_bands(src, raster, bands, model.info.bands)
         model_grid = _model_grid(src, model.info.resolution_cm)
         try:
@@ -204,7 +202,8 @@ def _predict_resampled(
 def _check_bands(src: rasterio.DatasetReader, raster: Path, bands: list[int], needed: int) -> None:
     if max(bands) > src.count:
         raise UserError(
-            f"{raster} has {src.count} band(s); the model reads bands {','.join(map(str, bands))}",
+            f"{raster} has {src.count} band{'s' if src.count != 1 else ''}; the model reads bands "
+            f"{','.join(map(str, bands))}",
             hint=f"choose {needed} of its bands with --bands, or a raster with {max(bands)} or more bands",
         )
 
@@ -344,8 +343,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "model's seg_thresh)")
     p.add_argument("--spur-length", type=float, default=10.0, help="prune centreline spurs shorter than this "
                    "(metres; 20 px for rasters without CRS)")
-    p.add_argument("--bands", help="1-based raster bands to feed the model, e.g. 1,2,3 (default: the first "
-                   "N the model takes)")
+    p.add_argument("--bands", help="1-based raster bands to feed the model, e.g. 1,2,3 (default: the bands it "
+                   "was trained on, from its metadata, where the raster has them; else the first N it takes)")
     p.add_argument("--tta", action="store_true", help="average each tile over its 8 flips and right-angle "
                    "rotations (test-time augmentation): 8x the time, about 2 IoU points on the CIL benchmark")
     p.add_argument("--batch", type=_positive_int, default=4, help="tiles per inference call")
@@ -358,9 +357,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _parse_bands(text: Optional[str], needed: int) -> list[int]:
+def _parse_bands(text: Optional[str], needed: int) -> Optional[list[int]]:
+    """The bands of ``--bands``; None when not given (each raster gets the model's default)."""
     if text is None:
-        return list(range(1, needed + 1))
+        return None
     try:
         bands = [int(b) for b in text.split(",")]
     except ValueError:
@@ -376,6 +376,7 @@ class Job:
     """One raster to predict and its outputs."""
 
     raster: Path
+    bands: list[int]
     probability: Path
     vector: Optional[Path]
     index: int  # 1-based position among ``count`` rasters, for progress events
@@ -384,30 +385,42 @@ class Job:
 
 @dataclass(frozen=True)
 class Settings:
-    bands: list[int]
     batch: int
     threshold: float
     spur_length: float
     tta: bool
 
 
-def _plan(args: argparse.Namespace, bands: list[int], needed: int) -> list[Job]:
-    """Check every raster and output before any work, so a bad last raster does not cost an hour."""
+def _plan(args: argparse.Namespace, model: OnnxSegmenter, bands: Optional[list[int]]) -> list[Job]:
+    """Check every raster and output before any work, so a bad last raster does not cost an hour; warn about
+    rasters whose bands or data type differ from the model's training rasters."""
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file", hint="give a folder for the outputs (created if missing)")
     jobs, owners = [], {}
     for index, raster in enumerate(args.rasters, 1):
         with _open(raster) as src:
-            _check_bands(src, raster, bands, needed)
+            chosen = bands or model.info.default_bands(src.count)
+            _check_bands(src, raster, chosen, model.info.bands)
+            notes = [model.info.band_warning(chosen, str(raster), "--bands"),
+                     model.info.dtype_warning(src.dtypes[chosen[0] - 1], str(raster))]
+        for note in filter(None, notes):
+            events.warning(note)
         probability = args.out / f"{raster.stem}{PROBABILITY_SUFFIX}"
         vector = args.out / f"{raster.stem}{CENTRELINES_SUFFIX}" if args.vector else None
         if probability in owners:
             raise UserError(f"{raster} and {owners[probability]} would both write {probability}",
                             hint="rename one of them, or predict them into different --out folders")
         owners[probability] = raster
-        existing = [p for p in (probability, vector) if p is not None and p.exists()]
+        outputs = [p for p in (probability, vector) if p is not None]
+        existing = [p for p in outputs if p.exists()]
+        inputs = [r for r in args.rasters if r.exists() and any(p.samefile(r) for p in existing)]
+        if inputs:  # --overwrite must never replace an input: it may still have to be read
+            raise UserError(f"the output of {raster} would overwrite the input raster {inputs[0]}",
+                            hint="predict into another --out folder")
         if existing and not args.overwrite:
             raise UserError(f"{existing[0]} already exists",
                             hint="pass --overwrite to replace it, or choose another --out")
-        jobs.append(Job(raster, probability, vector, index, len(args.rasters)))
+        jobs.append(Job(raster, chosen, probability, vector, index, len(args.rasters)))
     return jobs
 
 
@@ -420,7 +433,7 @@ def _predict_job(model: OnnxSegmenter, job: Job, settings: Settings, cancelled: 
         events.progress("predict", done, total, eta, raster=str(job.raster), raster_index=job.index,
                         rasters=job.count)
 
-    if not predict_file(model, job.raster, job.probability, settings.bands, settings.batch, progress, cancelled,
+    if not predict_file(model, job.raster, job.probability, job.bands, settings.batch, progress, cancelled,
                         settings.tta):
         return None
     events.artifact("probability", str(job.probability))
@@ -505,10 +518,12 @@ def _run(args: argparse.Namespace) -> None:
     threshold = model.info.threshold if args.threshold is None else args.threshold
     if not 0 < threshold < 1:
         raise UserError(f"--threshold {threshold} is outside (0, 1)", hint="e.g. --threshold 0.5")
-    bands = _parse_bands(args.bands, model.info.bands)
-    jobs = _plan(args, bands, model.info.bands)
-    settings = Settings(bands, args.batch, threshold, args.spur_length, args.tta)
-    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = _plan(args, model, _parse_bands(args.bands, model.info.bands))
+    settings = Settings(args.batch, threshold, args.spur_length, args.tta)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {args.out}: {exc}", hint="choose a writable --out") from exc
     stop: list[bool] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     start = time.monotonic()

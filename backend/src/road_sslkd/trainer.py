@@ -197,6 +197,13 @@ def run_stage(stage: Stage, ctx: Context) -> None:
                 scaler.scale(terms["loss"] / cfg.accumulate).backward()
             for key, value in terms.items():
                 running[key] = running.get(key, 0.0) + float(value.detach()) / cfg.accumulate
+        # The sum since the last log turns NaN (or infinite) with the first such step; going on would only
+        # save NaN weights. Every rank stops at the same step; the last checkpoint is kept.
+        if distributed.any_rank(not math.isfinite(running["loss"])):
+            raise events.UserError(
+                f"training diverged: the {stage.name} loss is not a finite number at step {step + 1}/{total}",
+                'start a new run with a lower learning rate (a --config file with e.g. {"lr": 0.0003}), and '
+                "check the rasters for extreme pixel values")
         scaler.step(optimiser)
         scaler.update()
         done = step + 1
