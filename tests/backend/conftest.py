@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
+from rasterio.transform import from_origin
 
 from road_sslkd.demo_data import write_demo_dataset
 
@@ -47,3 +50,23 @@ def run_main(capsys):
 
 def errors(events: list[dict]) -> list[dict]:
     return [e for e in events if e["event"] == "error"]
+
+
+GRID = from_origin(500000, 5000000, 0.5, 0.5)  # 0.5 m pixels in UTM 33N
+
+
+def write_raster(path, array, driver="GTiff", nodata=None, crs="EPSG:32633", transform=GRID):
+    """A (C, H, W) or (H, W) array as a raster; georeferenced unless the driver is a plain image format."""
+    array = array if array.ndim == 3 else array[None]
+    georef = dict(crs=crs, transform=transform) if driver == "GTiff" else {}
+    with rasterio.open(path, "w", driver=driver, width=array.shape[2], height=array.shape[1], count=array.shape[0],
+                       dtype=array.dtype, nodata=nodata, **georef) as dst:
+        dst.write(array)
+    return path
+
+
+def road_mask(size=64):
+    """A 0/1 mask with a horizontal road (background and road both present)."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 2 - 3 : size // 2 + 3] = 1
+    return mask

@@ -5,30 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import Affine, from_origin
+from rasterio.transform import Affine
 
-from conftest import errors
+from conftest import GRID, errors, road_mask, write_raster
 from road_sslkd.config import make_config
 from road_sslkd.data import DatasetSpec
 from road_sslkd.runs import RunDir
-
-GRID = from_origin(500000, 5000000, 0.5, 0.5)
-
-
-def _write(path, array, crs="EPSG:32633", nodata=None, transform=GRID):
-    array = array if array.ndim == 3 else array[None]
-    with rasterio.open(path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1], count=array.shape[0],
-                       dtype=array.dtype, crs=crs, transform=transform, nodata=nodata) as dst:
-        dst.write(array)
-    return path
-
-
-def _roads(size=64):
-    """A 0/1 mask with a horizontal road (background and road both present)."""
-    mask = np.zeros((size, size), np.uint8)
-    mask[size // 2 - 3 : size // 2 + 3] = 1
-    return mask
 
 
 def _fails(run_main, tmp_path, *args, needle):
@@ -57,71 +39,71 @@ def test_missing_file_of_a_split(run_main, tmp_path, tiny_dataset):
 
 
 def test_size_mismatch(run_main, tmp_path):
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    mask = _write(tmp_path / "mask.tif", np.full((32, 32), 255, np.uint8))
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", np.full((32, 32), 255, np.uint8))
     _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="mask.tif")
 
 
 def test_crs_mismatch(run_main, tmp_path):
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    mask = _write(tmp_path / "mask.tif", np.full((64, 64), 255, np.uint8), crs="EPSG:3857")
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", np.full((64, 64), 255, np.uint8), crs="EPSG:3857")
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="EPSG:3857")
     assert "reproject" in error["hint"]
 
 
 @pytest.mark.parametrize("shift_px", [2, 40])
 def test_mask_on_another_footprint(run_main, tmp_path, shift_px):
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    mask = _write(tmp_path / "mask.tif", _roads(), transform=GRID * Affine.translation(shift_px, 0))
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", road_mask(), transform=GRID * Affine.translation(shift_px, 0))
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="footprint")
     assert f"{shift_px:.1f} px" in error["message"] and "gdalwarp" in error["hint"]
 
 
 def test_mask_without_georeferencing(run_main, tmp_path):
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    mask = _write(tmp_path / "mask.tif", _roads(), crs=None, transform=Affine.identity())
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", road_mask(), crs=None, transform=Affine.identity())
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="has no georeferencing")
     assert error["message"].startswith(f"mask {mask}") and "-a_srs" in error["hint"]
 
 
 def test_mask_without_crs(run_main, tmp_path):
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    mask = _write(tmp_path / "mask.tif", _roads(), crs=None)
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", road_mask(), crs=None)
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="no CRS")
     assert "gdal_edit.py -a_srs EPSG:32633" in error["hint"]
 
 
 def test_multiband_mask(run_main, tmp_path):
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    mask = _write(tmp_path / "mask.tif", np.stack([_roads(), 1 - _roads()]))
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", np.stack([road_mask(), 1 - road_mask()]))
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="2 bands")
     assert "-b 1" in error["hint"]
 
 
 def test_mask_whose_nodata_hides_the_background(run_main, tmp_path):
     """A 0/1 mask written with nodata=0 (as rasterising tools do) has no background left."""
-    image = _write(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
-    mask = _write(tmp_path / "mask.tif", _roads(), nodata=0)
+    image = write_raster(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", road_mask(), nodata=0)
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="no background")
     assert f"gdal_edit.py -unsetnodata {mask}" in error["hint"]
 
 
 def test_mask_that_is_all_road(run_main, tmp_path):
-    image = _write(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
-    mask = _write(tmp_path / "mask.tif", np.full((64, 64), 255, np.uint8))
+    image = write_raster(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", np.full((64, 64), 255, np.uint8))
     error = _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="no background")
     assert "-unsetnodata" not in error["hint"]
 
 
-def test_mask_without_roads(run_main, tmp_path):
-    image = _write(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
-    mask = _write(tmp_path / "mask.tif", np.zeros((64, 64), np.uint8))
+def test_mask_withoutroad_mask(run_main, tmp_path):
+    image = write_raster(tmp_path / "img.tif", np.full((3, 64, 64), 90, np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", np.zeros((64, 64), np.uint8))
     _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="no road pixel")
 
 
 def test_all_nodata_raster(run_main, tmp_path):
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8), nodata=0)
-    mask = _write(tmp_path / "mask.tif", np.full((64, 64), 255, np.uint8))
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8), nodata=0)
+    mask = write_raster(tmp_path / "mask.tif", np.full((64, 64), 255, np.uint8))
     _fails(run_main, tmp_path, "--labelled", f"{image}:{mask}", needle="all nodata")
 
 

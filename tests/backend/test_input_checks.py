@@ -6,29 +6,11 @@ import math
 
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import Affine, from_origin
+from rasterio.transform import Affine
 
-from conftest import errors, run_cli
+from conftest import GRID, errors, road_mask, run_cli, write_raster
 from road_sslkd import data
 from road_sslkd.data import Label, Normalizer, Pair, Raster
-
-GRID = from_origin(500000, 5000000, 0.5, 0.5)
-
-
-def _write(path, array, driver="GTiff", nodata=None, crs="EPSG:32633", transform=GRID):
-    array = array if array.ndim == 3 else array[None]
-    georef = dict(crs=crs, transform=transform) if driver == "GTiff" else {}
-    with rasterio.open(path, "w", driver=driver, width=array.shape[2], height=array.shape[1], count=array.shape[0],
-                       dtype=array.dtype, nodata=nodata, **georef) as dst:
-        dst.write(array)
-    return path
-
-
-def _roads(size=64):
-    mask = np.zeros((size, size), np.uint8)
-    mask[size // 2 - 3 : size // 2 + 3] = 1
-    return mask
 
 
 @pytest.mark.parametrize("cached", [True, False])
@@ -36,7 +18,7 @@ def test_nan_and_infinite_pixels_are_invalid_and_zeroed(tmp_path, monkeypatch, c
     pixels = np.random.default_rng(0).uniform(0, 255, (3, 64, 64)).astype(np.float32)
     pixels[0, :10, :10] = np.nan
     pixels[2, 60:, 60:] = np.inf
-    path = _write(tmp_path / "img.tif", pixels)
+    path = write_raster(tmp_path / "img.tif", pixels)
     if not cached:
         monkeypatch.setattr(data, "CACHE_PIXELS", 10)  # windowed reads, as for large rasters
     raster = Raster(path, [1, 2, 3])
@@ -53,8 +35,8 @@ def test_nan_pixels_are_nodata_in_training(run_main, tmp_path):
     """A float raster with NaN and no declared nodata trains on its other pixels, with finite statistics."""
     pixels = np.random.default_rng(0).uniform(0, 255, (3, 64, 64)).astype(np.float32)
     pixels[:, :20, :20] = np.nan
-    image = _write(tmp_path / "img.tif", pixels)
-    mask = _write(tmp_path / "mask.tif", _roads())
+    image = write_raster(tmp_path / "img.tif", pixels)
+    mask = write_raster(tmp_path / "mask.tif", road_mask())
     out = tmp_path / "run"
     code, events = run_main("train", "--preset", "tiny", "--out", str(out), "--labelled", f"{image}:{mask}",
                             "--stages", "teacher_a")
@@ -70,10 +52,10 @@ def test_nan_pixels_are_nodata_in_training(run_main, tmp_path):
 
 
 def test_nan_in_a_float_mask_is_unknown(tmp_path):
-    truth = _roads().astype(np.float32)
+    truth = road_mask().astype(np.float32)
     truth[:, :8] = np.nan
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    label = Label(Pair(image, _write(tmp_path / "mask.tif", truth)), Raster(image, [1, 2, 3]), 1.0)
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    label = Label(Pair(image, write_raster(tmp_path / "mask.tif", truth)), Raster(image, [1, 2, 3]), 1.0)
     mask = label.read(0, 0, 64, 64)
     assert (mask[:, :8] == 255).all() and set(np.unique(mask[:, 8:])) == {0, 1}
     assert label.road_fraction() == pytest.approx(6 / 64)
@@ -81,8 +63,8 @@ def test_nan_in_a_float_mask_is_unknown(tmp_path):
 
 def test_plain_png_pair_without_georeferencing(tmp_path):
     """Like the CIL 2016 tiles: neither image nor mask has georeferencing; they match in pixel space."""
-    image = _write(tmp_path / "img.png", np.zeros((3, 64, 64), np.uint8), driver="PNG")
-    mask = _write(tmp_path / "mask.png", _roads() * 255, driver="PNG")
+    image = write_raster(tmp_path / "img.png", np.zeros((3, 64, 64), np.uint8), driver="PNG")
+    mask = write_raster(tmp_path / "mask.png", road_mask() * 255, driver="PNG")
     label = Label(Pair(image, mask), Raster(image, [1, 2, 3]), 1.0)
     assert label.road_fraction() == pytest.approx(6 / 64)
 
@@ -90,17 +72,17 @@ def test_plain_png_pair_without_georeferencing(tmp_path):
 @pytest.mark.parametrize("transform", [GRID * Affine.translation(0.1, -0.1),  # rounding of an exported origin
                                        Affine(0.5, 0, 500000, 0, -0.5, 5000000)])  # the same grid written anew
 def test_mask_on_the_image_grid_within_a_fraction_of_a_pixel(tmp_path, transform):
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    mask = _write(tmp_path / "mask.tif", _roads(), transform=transform)
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    mask = write_raster(tmp_path / "mask.tif", road_mask(), transform=transform)
     Label(Pair(image, mask), Raster(image, [1, 2, 3]), 1.0)
 
 
 def test_a_nodata_value_for_unknown_pixels_is_kept(tmp_path):
     """nodata=255 on a 0/1 mask marks unknown pixels: background stays, so the mask is accepted."""
-    truth = _roads()
+    truth = road_mask()
     truth[:16] = 255
-    image = _write(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
-    label = Label(Pair(image, _write(tmp_path / "mask.tif", truth, nodata=255)), Raster(image, [1, 2, 3]), 1.0)
+    image = write_raster(tmp_path / "img.tif", np.zeros((3, 64, 64), np.uint8))
+    label = Label(Pair(image, write_raster(tmp_path / "mask.tif", truth, nodata=255)), Raster(image, [1, 2, 3]), 1.0)
     assert (label.read(0, 0, 16, 64) == 255).all()
     assert label.road_fraction() == pytest.approx(6 / 48)
 
