@@ -13,6 +13,7 @@ import pyogrio
 import pytest
 import rasterio
 import shapely
+from rasterio.control import GroundControlPoint
 from rasterio.transform import Affine, from_origin
 
 from road_sslkd import predict
@@ -301,3 +302,21 @@ def test_outputs_never_replace_an_input(tmp_path):
 def test_predict_command_loads_no_torch():
     code = "import sys, road_sslkd.predict\nassert 'torch' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_far_resolutions_and_control_points_warn(tmp_path, capsys):
+    """Imagery at 20x the model's pixel size, or placed by control points only: the result is poor, so say so."""
+    model = write_model(tmp_path / "m.onnx", band_net(), AT_HALF_METRE)
+    coarse = write_raster(tmp_path / "coarse.tif", np.full((3, 8, 8), 100, np.uint8), res=10.0)
+    run_cli(model, coarse, banded_raster(tmp_path / "fine.tif"), "--out", tmp_path / "out")
+    warnings = [e["message"] for e in events_of(capsys) if e["event"] == "warning"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{coarse} has 10.00 m pixels but the model was trained "
+                                                         "at 0.50 m: it is resampled 20x per side")
+    placed = tmp_path / "gcp.tif"
+    with rasterio.open(placed, "w", driver="GTiff", width=16, height=16, count=3, dtype="uint8",
+                       gcps=[GroundControlPoint(0, 0, 500_000, 4_000_000), GroundControlPoint(16, 0, 500_008,
+                             4_000_000), GroundControlPoint(0, 16, 500_000, 3_999_992)], crs="EPSG:32633") as dst:
+        dst.write(np.full((3, 16, 16), 50, np.uint8))
+    run_cli(model, placed, "--out", tmp_path / "gcp")
+    warnings = [e["message"] for e in events_of(capsys) if e["event"] == "warning"]
+    assert len(warnings) == 1 and "georeferenced by control points" in warnings[0] and "gdalwarp" in warnings[0]
