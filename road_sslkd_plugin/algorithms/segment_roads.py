@@ -227,18 +227,24 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         mask_output: str,
         feedback: QgsProcessingFeedback,
     ) -> Optional[float]:
-        """The layer's window at its own resolution to a scratch GeoTIFF, then ``road-sslkd predict`` on it.
+        """``road-sslkd predict`` on the layer's file when it is segmented whole, else on its window copied at
+        its own resolution to a scratch GeoTIFF (at most MAX_PIXELS: the copy is made in memory).
 
-        The scratch copy keeps the layer's band numbers (all its bands, or up to the last one chosen), so the
-        backend's default (the model's training bands) and its messages speak of the layer's own bands.
+        The backend streams a file from disk, whatever its size. The scratch copy keeps the layer's band numbers
+        (all its bands, or up to the last one chosen), so the backend's default (the model's training bands) and
+        its messages speak of the layer's own bands.
         """
         if bands:
             segment.check_band_numbers(layer, bands)  # the rest is checked where the model's metadata is read
-        copied = list(range(1, (max(bands) if bands else layer.bandCount()) + 1))
-        window = segment.plan_window(layer, extent, layer.crs(), None, MAX_PIXELS)
+        source_file = describe(layer).path
+        whole = bool(source_file) and (extent is None or extent.contains(layer.extent()))
+        window = segment.plan_window(layer, None if whole else extent, layer.crs(), None,
+                                     None if whole else MAX_PIXELS)
         with tempfile.TemporaryDirectory(prefix="road_sslkd_") as scratch:
-            source = os.path.join(scratch, "window.tif")
-            segment.write_geotiff(source, segment.read_bands(self._provider, window, copied), window)
+            source = source_file if whole else os.path.join(scratch, "window.tif")
+            if not whole:
+                copied = list(range(1, (max(bands) if bands else layer.bandCount()) + 1))
+                segment.write_geotiff(source, segment.read_bands(self._provider, window, copied), window)
             produced = segment.predict_with_backend(
                 model_path,
                 source,

@@ -166,7 +166,8 @@ def plan_window(
         raise SegmentError(
             f"The extent is {width} x {height} pixels at the model's resolution ({px:g} map units per pixel), "
             f"more than the {max_pixels / 1e6:g} Mpx limit",
-            "zoom in, or segment the whole raster with Processing or `road-sslkd predict`",
+            "choose a smaller extent (zoom in), or segment the whole file with `road-sslkd predict`, which streams "
+            "rasters of any size (so does Processing when QGIS's Python has no onnxruntime)",
         )
     window_extent = QgsRectangle(x0, y1 - height * py, x0 + width * px, y1)
     return ReadWindow(window_extent, width, height, crs)

@@ -149,6 +149,25 @@ def test_segment_roads_extent_in_another_crs(processing, data, tmp_path):
     assert result.extent().width() < 60  # not the whole 60 m scene
 
 
+def test_backend_path_streams_a_whole_file_past_the_copy_limit(processing, data, tmp_path, monkeypatch):
+    """Without onnxruntime in QGIS, a layer segmented whole goes to `road-sslkd predict` as its file: no copy in
+    memory, so no size limit; a part of it (EXTENT) is still copied, within the limit."""
+    from road_sslkd_plugin.algorithms import segment_roads
+    from road_sslkd_plugin.core import segment
+
+    monkeypatch.setattr(segment, "engine_available", lambda: False)  # our switch, not onnxruntime itself
+    monkeypatch.setattr(segment_roads, "MAX_PIXELS", 100)  # the scene has 12 000 pixels
+    out = tmp_path / "whole.tif"
+    processing.run("road_sslkd:segment_roads", {"INPUT": str(data["raster"]), "MODEL": str(data["model"]),
+                                                "OUTPUT": str(out), "MASK": str(tmp_path / "mask.tif")})
+    assert _off_by(out, data["pixels"][0]) <= 1
+    assert (_read(tmp_path / "mask.tif")[10:, 10:] == (_read(out)[10:, 10:] >= 128)).all()
+    with pytest.raises(QgsProcessingException, match="Mpx limit"):
+        processing.run("road_sslkd:segment_roads", {
+            "INPUT": str(data["raster"]), "MODEL": str(data["model"]), "OUTPUT": str(tmp_path / "part.tif"),
+            "EXTENT": "500000,500030,4999975,5000000 [EPSG:32633]"})
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
