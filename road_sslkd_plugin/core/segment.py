@@ -164,7 +164,8 @@ def plan_window(
     height = max(1, math.ceil((y1 - max(area.yMinimum(), full.yMinimum())) / py - 1e-6))
     if max_pixels and width * height > max_pixels:
         raise SegmentError(
-            f"The extent is {width} x {height} pixels at the model's resolution ({px:g} map units per pixel), "
+            f"The extent is {width} x {height} pixels at the {'model' if resolution_cm else 'layer'}'s resolution "
+            f"({px:g} map units per pixel), "
             f"more than the {max_pixels / 1e6:g} Mpx limit",
             "choose a smaller extent (zoom in), or segment the whole file with `road-sslkd predict`, which streams "
             "rasters of any size (so does Processing when QGIS's Python has no onnxruntime)",
