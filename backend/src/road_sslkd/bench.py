@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, events
-from .config import PRETRAIN, Config
+from .config import PRETRAIN, STAGE_NAMES, Config
 from .data import DatasetSpec
 from .evaluate import onnx_throughput
 from .export import export_run_model
-from .pipeline import QUALITY_KEYS, STAGE_NAMES, add_config_arguments, config_from_args, metrics_table, train
+from .pipeline import QUALITY_KEYS, add_config_arguments, config_from_args, metrics_table, train
 from .precision import CPU_BF16_ENV, cpu_bf16_pays, cpu_flags
 from .pretrain import pretrain
 from .runs import RunDir, install_stop_handlers, stop_requested

@@ -26,10 +26,10 @@ import torch
 
 from . import events, precision
 from .bench import machine
-from .config import make_config
+from .config import STAGE_NAMES, check_stages, make_config
 from .losses import seg_loss
 from .models import Architecture, SegModel, build_model, count_parameters
-from .pipeline import STAGE_NAMES, stage_factories
+from .pipeline import stage_factories
 from .runs import RunDir
 from .trainer import Context, batch_to, build_context, pick_device
 
@@ -218,10 +218,7 @@ def _run_stages(args: argparse.Namespace) -> None:
     if args.models or args.compile:
         raise events.UserError("--run times a run's own stages", "leave out --models and --compile with --run")
     run = RunDir.open(args.run)
-    names = args.stages.split(",") if args.stages else list(STAGE_NAMES)
-    unknown = [n for n in names if n not in STAGE_NAMES]
-    if unknown:
-        raise events.UserError(f"unknown stage(s): {', '.join(unknown)}", f"stages: {', '.join(STAGE_NAMES)}")
+    names = check_stages(args.stages.split(",")) if args.stages else list(STAGE_NAMES)
     ctx = build_context(run, pick_device("cpu"))
     rows = []
     for done, name in enumerate(names):
