@@ -41,14 +41,24 @@ def keep_results() -> bool:
 
 
 def output_folder(project: QgsProject) -> str:
-    """The setting; else ``road_sslkd_segmentations`` next to a saved project; else the temp folder."""
+    """The setting; else ``road_sslkd_segmentations`` next to a saved project, else in the home folder (not the
+    temp folder: a project saved later keeps pointing at its results)."""
     folder = str(settings.user_value(FOLDER_KEY, "") or "")
     if folder:
         return folder
-    home = project.homePath()
-    if home and project.fileName():
-        return os.path.join(home, "road_sslkd_segmentations")
-    return os.path.join(tempfile.gettempdir(), "road_sslkd_segmentations")
+    home = project.homePath() if project.fileName() else ""
+    return os.path.join(home or os.path.expanduser("~"), "road_sslkd_segmentations")
+
+
+def _remove_replaced(project: QgsProject, path: str) -> None:
+    """Delete the file of a result layer just replaced, unless another layer still shows it."""
+    if any(layer.source() == path for layer in project.mapLayers().values()):
+        return
+    for name in (path, path + ".aux.xml"):
+        try:
+            os.remove(name)
+        except OSError:
+            pass  # already gone, or held open elsewhere (Windows): it stays, as before
 
 
 def readable_raster(layer: Optional[QgsMapLayer]) -> bool:
@@ -264,7 +274,10 @@ class ExtentSegmenter(QObject):
         """Add the GeoTIFF, styled, at the top of the "Road SSLKD" group; replace the last one unless kept."""
         previous = project.mapLayer(settings.project_value(LAST_LAYER_KEY, "", project))
         if previous is not None and not keep_results():
+            replaced = previous.source() if previous.customProperty("road_sslkd/result") else ""
             project.removeMapLayer(previous.id())
+            if replaced:
+                _remove_replaced(project, replaced)
         layer = QgsRasterLayer(path, title, "gdal")
         segment.style_layer(layer)
         layer.setCustomProperty("road_sslkd/result", True)  # after the style: loading a QML replaces them

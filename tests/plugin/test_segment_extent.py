@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from osgeo import gdal
@@ -11,7 +13,14 @@ from segment_data import ORIGIN, expected_probability, make_model, make_raster
 import road_sslkd_plugin
 from conftest import needs_backend, wait_until
 from road_sslkd_plugin.core import segment, settings
-from road_sslkd_plugin.ui.segment_extent import GROUP, KEEP_KEY, ExtentSegmenter, default_layer
+from road_sslkd_plugin.ui.segment_extent import (
+    FOLDER_KEY,
+    GROUP,
+    KEEP_KEY,
+    ExtentSegmenter,
+    default_layer,
+    output_folder,
+)
 
 pytestmark = needs_backend  # the test model is written with the backend venv's onnx package
 
@@ -129,18 +138,29 @@ def test_repeated_runs_replace_the_result_unless_kept(qgis_iface, scene, data):
     _show(qgis_iface.mapCanvas(), scene.extent())
     segmenter = ExtentSegmenter(qgis_iface)
     first, _ = _run(segmenter, model_path=str(data["model"]))
-    first_id = first.id()
+    first_id, first_file = first.id(), Path(first.source())
     second, _ = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
     project = QgsProject.instance()
     assert project.mapLayer(first_id) is None and project.mapLayer(second.id()) is not None
+    assert not first_file.exists()  # a replaced result leaves no file behind
     settings.set_user_value(KEEP_KEY, "true")
     third, _ = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
     assert project.mapLayer(second.id()) is not None and project.mapLayer(third.id()) is not None
+    assert Path(second.source()).exists() and Path(third.source()).exists()
     group = project.layerTreeRoot().findGroup(GROUP)
     assert [node.layerId() for node in group.findLayers()][:2] == [third.id(), second.id()]  # newest on top
     # Results are never picked as the layer to segment.
     qgis_iface.setActiveLayer(third)
     assert default_layer(project, third) is scene
+
+
+def test_results_of_an_unsaved_project_go_to_a_lasting_folder(project, tmp_path):
+    settings.set_user_value(FOLDER_KEY, "")
+    assert output_folder(project) == str(Path.home() / "road_sslkd_segmentations")  # not the temp folder
+    assert project.write(str(tmp_path / "p.qgz"))
+    assert output_folder(project) == str(tmp_path / "road_sslkd_segmentations")
+    settings.set_user_value(FOLDER_KEY, str(tmp_path / "mine"))
+    assert output_folder(project) == str(tmp_path / "mine")
 
 
 def test_clear_messages_when_it_cannot_run(qgis_iface, scene, data, tmp_path):
