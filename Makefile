@@ -12,7 +12,9 @@ BACKEND_VENV := .venv-backend
 QGIS_VENV := .venv-qgis
 BPY := $(BACKEND_VENV)/bin/python
 QPY := $(QGIS_VENV)/bin/python
-STAMPS := .setup-stamps
+# Each venv holds its own stamp: a deleted venv is set up again.
+BACKEND_STAMP := $(BACKEND_VENV)/.installed
+QGIS_STAMP := $(QGIS_VENV)/.installed
 DEMO_DIR ?= demo
 BENCH_DATA ?= ../shared/data/cil_road_2016
 BENCH_PRESET ?= cpu
@@ -24,7 +26,7 @@ export PIP_NO_CACHE_DIR := 1
 
 .PHONY: setup qgis test lint test-backend test-plugin demo bench zip clean
 
-setup: qgis $(STAMPS)/backend $(STAMPS)/qgis-venv
+setup: qgis $(BACKEND_STAMP) $(QGIS_STAMP)
 
 # QGIS comes from Debian; only root can install it, others get a clear message.
 qgis:
@@ -37,24 +39,21 @@ qgis:
 	  fi; \
 	fi
 
-$(STAMPS)/backend: backend/pyproject.toml
-	@mkdir -p $(STAMPS)
+$(BACKEND_STAMP): backend/pyproject.toml
 	test -x $(BPY) || $(PYTHON) -m venv $(BACKEND_VENV)
 	$(BPY) -m pip install -q --upgrade pip
-	$(BPY) -m pip install -q "torch>=2.2,<=2.14.1" "torchvision>=0.17,<=0.29.1"
 	$(BPY) -m pip install -q -e "backend[gpu,dev]"
 	@touch $@
 
-$(STAMPS)/qgis-venv: | qgis
-	@mkdir -p $(STAMPS)
+$(QGIS_STAMP): | qgis
 	test -x $(QPY) || $(QGIS_PYTHON) -m venv --system-site-packages $(QGIS_VENV)
 	$(QPY) -m pip install -q "numpy<2" onnxruntime-gpu pytest pytest-qgis
 	@touch $@
 
-lint: setup
+lint: $(BACKEND_STAMP)
 	$(BACKEND_VENV)/bin/ruff check backend road_sslkd_plugin tests scripts
 
-test-backend: setup
+test-backend: $(BACKEND_STAMP)
 	$(BACKEND_VENV)/bin/pytest -q tests/backend
 
 test-plugin: setup
@@ -63,7 +62,7 @@ test-plugin: setup
 test: lint test-backend test-plugin
 
 # JSON events go to a file; the terminal shows the human log, the metrics table and where the outputs are.
-demo: setup
+demo: $(BACKEND_STAMP)
 	@mkdir -p $(DEMO_DIR)
 	$(BACKEND_VENV)/bin/road-sslkd demo --out $(DEMO_DIR) > $(DEMO_DIR)/events.jsonl
 
@@ -80,4 +79,4 @@ zip:
 	$(PYTHON) scripts/build_zip.py
 
 clean:
-	rm -rf $(STAMPS) $(BACKEND_VENV) $(QGIS_VENV) dist build
+	rm -rf $(BACKEND_VENV) $(QGIS_VENV) dist build

@@ -1,6 +1,7 @@
 """`road-sslkd bench` on the tiny preset: report.json has DESIGN.md's keys, figures exist, runs resume."""
 
 import json
+import shutil
 
 from conftest import errors
 from road_sslkd import precision
@@ -84,6 +85,12 @@ def test_bench_report_keys_and_figures(run_main, tiny_dataset, tmp_path):
     evaluated = [e["model"] for e in events if e["event"] == "progress" and e["stage"] == "evaluate" and e["step"] == 0]
     assert evaluated == ["student_sslkd"]
 
+    # Seeds trained on other rasters are never reported as this dataset's (same settings, a copy elsewhere).
+    copy = shutil.copytree(tiny_dataset, tmp_path / "copy")
+    code, events = run_main("bench", "--data", str(copy), "--preset", "tiny", "--out", str(out),
+                            "--work", str(work), "--seeds", "0,1", "--overwrite")
+    assert code == 2 and "holds a run with other data" in errors(events)[0]["message"]
+
 
 def test_bench_pretrains_once_for_every_network(run_main, tiny_dataset, tmp_path):
     out, work = tmp_path / "report", tmp_path / "work"
@@ -113,6 +120,21 @@ def test_bench_takes_seeds_not_seed(run_main, tiny_dataset, tmp_path):
     code, events = run_main("bench", "--data", str(tiny_dataset), "--seed", "3", "--out", str(tmp_path / "report"))
     assert code == 2 and errors(events)[0]["hint"] == "pass --seeds 3"
     assert not (tmp_path / "report").exists()
+    for seeds, message in (("0,0", "repeats a seed"), ("0,a", "is not a list of whole numbers")):
+        code, events = run_main("bench", "--data", str(tiny_dataset), "--seeds", seeds, "--preset", "tiny",
+                                "--out", str(tmp_path / "report"), "--work", str(tmp_path / "work"))
+        assert code == 2 and message in errors(events)[0]["message"]
+    assert not (tmp_path / "work").exists()
+
+
+def test_bench_replaces_no_report_file_without_overwrite(run_main, tiny_dataset, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "curves.png").write_bytes(b"mine")
+    code, events = run_main("bench", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out),
+                            "--work", str(tmp_path / "work"))
+    assert code == 2 and "curves.png exists" in errors(events)[0]["message"]
+    assert (out / "curves.png").read_bytes() == b"mine" and not (tmp_path / "work").exists()
 
 
 def test_one_seed_cannot_meet_the_spread_rule():

@@ -33,6 +33,7 @@ from .precision import CPU_BF16_ENV, cpu_bf16_pays, cpu_flags
 from .pretrain import pretrain
 from .runs import RunDir, install_stop_handlers, stop_requested
 
+FIGURES = ("curves.png", "precision_recall.png", "examples.png")  # written next to report.md
 REPORT_MODELS = ("student_supervised", "student_ssl", "teacher_a", "teacher_b", "teacher_a_ssl", "teacher_b_ssl",
                  "student_kd", "student_sslkd")
 SHARED_STAGE = "teacher_b_ssl"  # trained in one stage with teacher_a_ssl, whose seconds it repeats
@@ -97,8 +98,12 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
         path = work / f"seed_{seed}"
         if (path / "config.json").exists():
             run = RunDir.open(path)
-            if run.config.to_json() != {**cfg.to_json(), "seed": seed}:
-                raise events.UserError(f"{path} holds a run with other settings",
+            # A seed folder is resumed only where it was started the same way: another dataset or settings
+            # would put its old numbers in this report.
+            other = ("settings" if run.config.to_json() != {**cfg.to_json(), "seed": seed}
+                     else "data" if _resolved(run.dataset.to_json()) != _resolved(spec.to_json()) else "")
+            if other:
+                raise events.UserError(f"{path} holds a run with other {other}",
                                        f"delete {path} or pass another --work folder")
         else:
             run = RunDir.create(path, Config(**{**cfg.to_json(), "seed": seed}), spec)
@@ -120,10 +125,22 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
     return models, [round(training_minutes(m), 1) for m in per_seed], first_run
 
 
+def _resolved(dataset: dict) -> dict:
+    """A dataset's JSON with each path resolved (``../data`` and ``/abs/data`` name the same files)."""
+    def resolve(value: object) -> object:
+        if isinstance(value, str):
+            return str(Path(value).resolve())
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return {k: resolve(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return resolve(dataset)
+
+
 def train_in_children(paths: list[Path], jobs: int, device: str) -> None:
     """``road-sslkd train --resume`` for each run folder, ``jobs`` at a time, the cores split between them;
     each child's events and log go to ``train.jsonl`` and ``train.log`` in its folder."""
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    threads = str(max(1, (os.cpu_count() or 1) // min(jobs, len(paths))))
     # Probed once here, not by each child at its start, where the others' load could tip the probe and give
     # the seeds different numerics.
     bf16 = "1" if cpu_bf16_pays() else "0"
@@ -147,9 +164,9 @@ def train_in_children(paths: list[Path], jobs: int, device: str) -> None:
                 if proc.poll() is None:
                     continue
                 del running[path]
-                if proc.returncode != 0:
-                    raise events.UserError(f"training {path} failed (exit {proc.returncode})",
-                                           f"see {path / 'train.log'}; the same command resumes every seed")
+                if proc.returncode != 0:  # a child's failure is not the user's input: exit code 1, like a crash
+                    raise RuntimeError(f"training {path} failed (exit {proc.returncode}); see {path / 'train.log'} "
+                                       "(the same command resumes every seed)")
                 done += 1
                 events.progress("bench", done, len(paths), run=str(path))
     finally:
@@ -185,10 +202,10 @@ def figures(run: RunDir, names: list[str], out: Path, examples: int = 3) -> list
     curves = run.curves()
     metric = "val_iou" if any("val_iou" in c for c in curves.values()) else "fit_iou"
     return [
-        plot_curves(curves, metric, out / "curves.png"),
-        plot_pr(pr, thresholds, out / "precision_recall.png"),
+        plot_curves(curves, metric, out / FIGURES[0]),
+        plot_pr(pr, thresholds, out / FIGURES[1]),
         plot_examples(rgbs, [t[: r.shape[0], : r.shape[1]] for t, r in zip(truths, rgbs)], shown,
-                      thresholds, out / "examples.png"),
+                      thresholds, out / FIGURES[2]),
     ]
 
 
@@ -291,8 +308,11 @@ def _run(args: argparse.Namespace) -> None:
     start = time.monotonic()
     install_stop_handlers()
     report_json = args.out / "report.json"
-    if report_json.exists() and not args.overwrite:
-        raise events.UserError(f"{report_json} exists", "pass --overwrite to replace the report")
+    written = [report_json, args.out / "report.md", *(args.out / name for name in FIGURES)]
+    existing = [path for path in written if path.exists()]
+    if existing and not args.overwrite:
+        raise events.UserError(f"{existing[0]} exists", "pass --overwrite to replace the report and its figures "
+                               "(the seeds' runs in --work are resumed, not retrained), or choose another --out")
     if args.seed is not None:  # add_config_arguments offers it, but every benchmark seed comes from --seeds
         raise events.UserError("bench takes its seeds from --seeds, not --seed", f"pass --seeds {args.seed}")
     if args.weights == PRETRAIN:
@@ -302,7 +322,12 @@ def _run(args: argparse.Namespace) -> None:
             raise events.UserError("--pretrain and --weights both set the networks' first weights", "pass one")
         args.weights = "none"  # the pretraining's own start; every network then starts from its folder
     cfg = config_from_args(args, stages=list(STAGE_NAMES))
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as exc:
+        raise events.UserError(f"--seeds {args.seeds} is not a list of whole numbers", "e.g. --seeds 0,1,2") from exc
+    if len(set(seeds)) != len(seeds):  # a repeated seed would count one run twice and shrink the spread
+        raise events.UserError(f"--seeds {args.seeds} repeats a seed", "give each seed once, e.g. --seeds 0,1,2")
     dataset = args.data.resolve().name
     work = args.work or Path("runs") / f"bench-{dataset}-{cfg.preset}"
     if args.jobs < 1:
@@ -314,7 +339,10 @@ def _run(args: argparse.Namespace) -> None:
         pretraining = {"command": record["command"], "steps": record["settings"]["steps"],
                        "minutes": round(sum(e["seconds"] for e in record["encoders"].values()) / 60, 1)}
         cfg = replace(cfg, weights=str(folder))
-    models, minutes, first_run = run_bench(args.data, cfg, seeds, work, cfg.device, args.command_line, args.jobs)
+    try:
+        models, minutes, first_run = run_bench(args.data, cfg, seeds, work, cfg.device, args.command_line, args.jobs)
+    except events.Cancelled as exc:  # also raised by a seed trained in this process
+        raise events.Cancelled(str(exc), "run the same command again: every seed resumes") from exc
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = figures(first_run, [n for n in REPORT_MODELS if n in models], args.out)
     report = {
