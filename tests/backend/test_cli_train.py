@@ -349,6 +349,12 @@ def test_ablation_students_train_as_long_as_the_source_run_by_default(tiny_run, 
     assert code == 0, errors(events)
     stored = json.loads((out / "default" / "config.json").read_text())["config"]
     assert stored["steps"]["student"] == RunDir.open(tiny_run[0]).config.stage_steps("student") == 6
+    # The same --out with other steps would put both lengths in one table: refused, nothing retrained.
+    code, events = run_main("ablate", str(tiny_run[0]), "--out", str(out), "--variants", "default", "--holdout", "1",
+                            "--steps", "2")
+    assert code == 2 and "trained with other settings" in errors(events)[0]["message"]
+    code, events = run_main("ablate", str(tiny_run[0]), "--out", str(out), "--variants", "")
+    assert code == 2 and "--variants is empty" in errors(events)[0]["message"]
 
 
 def test_students_can_match_several_decoder_layers_of_their_teacher(tiny_dataset, run_main, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,21 @@ def ablate(source: RunDir, out: Path, names: list[str], holdout: int, steps: int
         spec = replace(source.dataset, test=[], labelled=labelled,
                        unlabelled=source.dataset.unlabelled[: max(1, round(fraction * len(source.dataset.unlabelled)))])
         path = out / _slug(name)
-        run = RunDir.open(path) if (path / "config.json").exists() else RunDir.create(path, cfg, spec)
+        if (path / "config.json").exists():
+            run = RunDir.open(path)
+            # Resumed only when started the same way: a variant of other --holdout/--steps would join this table.
+            if run.config.to_json() != cfg.to_json() or run.dataset.to_json() != spec.to_json():
+                raise events.UserError(f"{path} holds the variant '{name}' trained with other settings or images",
+                                       "pass another --out, or the --holdout, --steps and source it was run with")
+        else:
+            run = RunDir.create(path, cfg, spec)
         for teacher in teachers_of(cfg, "student_sslkd"):
             if not run.has_model(teacher):
                 run.model_path(teacher).parent.mkdir(exist_ok=True)
-                os.link(source.model_path(teacher), run.model_path(teacher))
+                try:
+                    os.link(source.model_path(teacher), run.model_path(teacher))  # no copy of a large teacher
+                except OSError:  # --out on another file system, or one without hard links
+                    shutil.copy2(source.model_path(teacher), run.model_path(teacher))
         if not (path / "targets").exists():
             (path / "targets").symlink_to(shared_targets.resolve())  # teachers' outputs are computed once
         run.normalizer = source.normalizer
@@ -135,6 +146,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     install_stop_handlers()
+    if args.variants is not None and not args.variants.strip():
+        raise events.UserError("--variants is empty", f"leave it out for every variant, or choose from: "
+                               f"{', '.join(VARIANTS)}")
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
