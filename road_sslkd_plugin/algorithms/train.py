@@ -38,7 +38,7 @@ def _file_path(layer: Any) -> str:
     info = describe(layer)
     if info.path:
         return info.path
-    why = info.reason or "a memory, web or filtered layer, or one layer of a multi-layer file"
+    why = info.reason or "a memory, web or filtered layer, one layer of a multi-layer file, or unsaved edits"
     raise QgsProcessingException(
         f"{layer.name()} has no file of its own that the backend can read ({why}): save it to its own file "
         "first, or train from the dock, which exports such layers")
@@ -110,7 +110,7 @@ class TrainAlgorithm(RoadAlgorithm):
             "(semi-supervised knowledge distillation).<br><br>"
             "<b>Labelled images</b> and <b>Labels</b> are paired in order: a mask raster (road &gt; 0) or a "
             "vector layer of road lines/polygons per image. <b>Label width</b> buffers road lines "
-            "without a width field (in the units of the image's CRS).<br>"
+            "without a width field (in the image CRS's map units, metres for a geographic CRS).<br>"
             "<b>Preset</b>: tiny (a few minutes, for trying it out), cpu (a 2-core machine), gpu (the paper's "
             "networks).<br>"
             "<b>Encoder weights</b> (optional): imagenet (the cpu and gpu presets' choice: downloaded, or "
@@ -143,7 +143,7 @@ class TrainAlgorithm(RoadAlgorithm):
         self.addParameter(
             QgsProcessingParameterNumber(
                 self.LABEL_WIDTH,
-                "Road width for line labels (units of the image's CRS)",
+                "Road width for line labels (image CRS's map units; metres if geographic)",
                 NUMBER_DOUBLE,
                 optional=True,
                 minValue=0.0,

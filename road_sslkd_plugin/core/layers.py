@@ -2,8 +2,8 @@
 
 Pure logic on QGIS layers (no widgets). Raster layers with a file GDAL reads are passed to the backend as
 they are; other rasters (web services, in-memory /vsimem/ sources, GeoPackage raster tables) are written
-to GeoTIFF by the plugin first; vector labels that are not a plain file (memory, database, filtered) are
-written to GeoPackage. Everything here runs on the main thread before the backend starts.
+to GeoTIFF by the plugin first; vector labels that are not a plain file (memory, database, filtered, or with
+unsaved edits) are written to GeoPackage. Everything here runs on the main thread before the backend starts.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
-from osgeo import ogr
+from osgeo import gdal, ogr
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsCsException,
+    QgsFeatureRequest,
     QgsMapLayer,
     QgsProject,
     QgsProviderRegistry,
@@ -27,17 +29,22 @@ from qgis.core import (
     QgsRasterLayer,
     QgsRasterPipe,
     QgsRectangle,
+    QgsUnitTypes,
     QgsVectorFileWriter,
     QgsVectorLayer,
     QgsWkbTypes,
 )
 
-from ..compat import qgis_enum
+from ..compat import DISTANCE_METERS, qgis_enum
 from .protocol import TrainRequest
 from .results import RunFolder
 
 WEB_PROVIDERS = {"wms", "wcs", "arcgismapserver", "arcgisfeatureserver", "xyz"}
 MAX_WEB_EXPORT_PIXELS = 8000  # per side: a web layer at street zoom over a country would never finish
+# The backend's data.GRID_TOLERANCE_PX and data.WIDTH_FIELDS (the plugin cannot import it): how far a mask's
+# corners may lie from its image's, and the fields that hold a road line's width.
+GRID_TOLERANCE_PX = 0.25
+WIDTH_FIELDS = ("width_m", "width")
 
 
 def layer_filter(*names: str) -> object:
@@ -126,7 +133,9 @@ def describe_vector(layer: QgsVectorLayer) -> LayerInfo:
         return info
     path, sublayer = _decoded_path(layer) if layer.providerType() == "ogr" else ("", "")
     # The backend reads a file's first layer; the provider of a layer opened by name lists only that layer.
-    if path and os.path.isfile(path) and not layer.subsetString() and (not sublayer or _layer_count(path) <= 1):
+    # A file under unsaved edits holds other features than the layer shows: the export takes the edits along.
+    if (path and os.path.isfile(path) and not layer.subsetString() and not layer.isModified()
+            and (not sublayer or _layer_count(path) <= 1)):
         info.path = path
     else:
         info.export = "vector"
@@ -216,6 +225,78 @@ def writable_folder_problem(folder: str) -> str:
     return ""
 
 
+def _extent_in(layer: QgsMapLayer, crs: QgsCoordinateReferenceSystem) -> QgsRectangle:
+    """The layer's extent in ``crs`` (as the backend reprojects vector labels); empty when it cannot go there."""
+    if _is_vector(layer) and layer.isModified():
+        # QGIS may give the saved file's extent (its first computation skips the edit buffer): ask the features.
+        extent = QgsRectangle()
+        extent.setMinimal()
+        for feature in layer.getFeatures(QgsFeatureRequest().setNoAttributes()):
+            if feature.hasGeometry():
+                extent.combineExtentWith(feature.geometry().boundingBox())
+    else:
+        extent = layer.extent()
+    if layer.crs() == crs or not (layer.crs().isValid() and crs.isValid()):
+        return extent  # the backend compares coordinates as they are when either lacks a CRS
+    try:
+        return QgsCoordinateTransform(layer.crs(), crs, QgsProject.instance()).transformBoundingBox(extent)
+    except QgsCsException:
+        return QgsRectangle()
+
+
+def _overlaps(image_extent: QgsRectangle, image_crs: QgsCoordinateReferenceSystem, labels: QgsMapLayer) -> bool:
+    extent = _extent_in(labels, image_crs)
+    return not extent.isNull() and image_extent.intersects(extent)
+
+
+def _placement_problem(image: QgsRasterLayer, labels: QgsMapLayer, web: bool) -> str:
+    """Why labels are not where training needs them ('' when they are): vector labels must overlap their image
+    in any CRS (the backend reprojects them), a raster mask must lie on its image's pixel grid."""
+    fix = "resample it onto the image's grid (Raster > Align Rasters, with the image as reference layer)"
+    if _is_vector(labels) and labels.featureCount() == 0:
+        return f"labels '{labels.name()}' have no features"
+    if _is_raster(labels) and web:
+        return (f"mask '{labels.name()}' cannot be on the grid of web layer '{image.name()}', which is exported at "
+                "the map's resolution: use vector labels, or save the web layer as GeoTIFF (Export > Save As) "
+                "and make the mask on its grid")
+    if _is_raster(labels) and labels.crs() != image.crs():
+        return (f"mask '{labels.name()}' is in {labels.crs().authid() or 'another CRS'} but image '{image.name()}' "
+                f"is in {image.crs().authid() or 'another CRS'}: reproject and {fix}")
+    if not _overlaps(image.extent(), image.crs(), labels):
+        return f"labels '{labels.name()}' do not overlap image '{image.name()}'"
+    if _is_vector(labels):
+        return ""
+    if (labels.width(), labels.height()) != (image.width(), image.height()):
+        return (f"mask '{labels.name()}' is {labels.width()} x {labels.height()} px but image '{image.name()}' is "
+                f"{image.width()} x {image.height()} px: {fix}")
+    a, b = labels.extent(), image.extent()
+    offset = max(max(abs(a.xMinimum() - b.xMinimum()), abs(a.xMaximum() - b.xMaximum())) / image.rasterUnitsPerPixelX(),
+                 max(abs(a.yMinimum() - b.yMinimum()), abs(a.yMaximum() - b.yMaximum())) / image.rasterUnitsPerPixelY())
+    if offset > GRID_TOLERANCE_PX:
+        return (f"mask '{labels.name()}' covers another area than image '{image.name()}' (its corners lie up to "
+                f"{offset:.1f} px from the image's): {fix}")
+    return ""
+
+
+def _width_field_problem(labels: QgsVectorLayer) -> str:
+    """A text width field whose values are no numbers (``5 m``) stops the backend: say so before Start."""
+    fields = labels.fields()
+    names = {fields.at(i).name().lower(): i for i in range(fields.count())}
+    index = next((names[name] for name in WIDTH_FIELDS if name in names), None)
+    if index is None or fields.at(index).isNumeric():
+        return ""
+    for value in labels.uniqueValues(index):
+        if isinstance(value, str) and value.strip():
+            try:
+                float(value)
+            except ValueError:
+                name = fields.at(index).name()
+                return (f"labels '{labels.name()}' hold '{value}' in their road width field '{name}', not a "
+                        "number: store plain numbers (5, not '5 m'), or rename the field so that the road width "
+                        "set here is used")
+    return ""
+
+
 def _pair_problems(pair: Pair, number: int, what: str, width: Optional[float]) -> list[str]:
     label = f"{what} pair {number}"
     if pair.image is None or pair.label is None:
@@ -233,18 +314,65 @@ def _pair_problems(pair: Pair, number: int, what: str, width: Optional[float]) -
         return problems
     if pair.image.id() == pair.label.id():
         return [f"{label}: the image cannot be its own label layer."]
-    if pair.image.crs() != pair.label.crs():
+    if _is_raster(pair.label) and pair.label.bandCount() != 1:
         problems.append(
-            f"{label}: labels '{pair.label.name()}' are in {pair.label.crs().authid() or 'another CRS'} but "
-            f"image '{pair.image.name()}' is in {pair.image.crs().authid() or 'another CRS'}: reproject the "
-            "labels to the image's CRS first (Processing: Reproject layer / Warp)."
+            f"{label}: mask '{pair.label.name()}' has {pair.label.bandCount()} bands; a mask has one (roads > 0, "
+            "background 0): choose a single-band mask, or keep its road band (Processing: Rearrange bands)."
         )
-    elif _is_vector(pair.label) and pair.label.featureCount() == 0:
-        problems.append(f"{label}: labels '{pair.label.name()}' have no features.")
-    elif not pair.image.extent().intersects(pair.label.extent()):
-        problems.append(f"{label}: labels '{pair.label.name()}' do not overlap image '{pair.image.name()}'.")
-    if _is_vector(pair.label) and not (width and width > 0):
-        problems.append(f"{label}: set the road width for vector labels.")
+    if placement := _placement_problem(pair.image, pair.label, image.export == "web"):
+        problems.append(f"{label}: {placement}.")
+    if _is_vector(pair.label):
+        if not (width and width > 0):
+            problems.append(f"{label}: set the road width for vector labels.")
+        if field_problem := _width_field_problem(pair.label):
+            problems.append(f"{label}: {field_problem}.")
+    return problems
+
+
+def width_units(plan: RunPlan) -> str:
+    """The unit of the road width (abbreviated; '' when unknown), as the backend buffers road lines: the
+    image CRS's units, metres for a geographic image. The first pair with vector labels decides."""
+    image = next((p.image for p in [*plan.labelled, *plan.test] if p.image is not None and _is_vector(p.label)), None)
+    if image is None or not image.crs().isValid():
+        return ""
+    units = DISTANCE_METERS if image.crs().isGeographic() else image.crs().mapUnits()
+    return QgsUnitTypes.toAbbreviatedString(units)
+
+
+def _source_key(layer: QgsMapLayer) -> str:
+    """What makes two image layers the same imagery: their file (one file may be loaded as two layers), else
+    the layer itself."""
+    path = describe(layer).path
+    return os.path.normcase(os.path.realpath(path)) if path else layer.id()
+
+
+def _same_as(layer: QgsMapLayer, first: QgsMapLayer, where: str) -> str:
+    """'is also <where>', or 'is the same file as <where> (name)' for another layer of the same file."""
+    return f"is also {where}" if layer.id() == first.id() else f"is the same file as {where} ('{first.name()}')"
+
+
+def _shared_image_problems(labelled: list[Pair], test: list[Pair], unlabelled: list[QgsMapLayer]) -> list[str]:
+    """One imagery in two labelled pairs, or a test image that training sees (as labelled or unlabelled)."""
+    problems = []
+    trained: dict[str, tuple[QgsMapLayer, str, str]] = {}  # source -> first layer, where it is, the fix
+    for number, pair in enumerate(labelled, 1):
+        if pair.image is None:
+            continue
+        key = _source_key(pair.image)
+        if key in trained:
+            first, where, _ = trained[key]
+            problems.append(f"Labelled pair {number}: image '{pair.image.name()}' {_same_as(pair.image, first, where)}"
+                            ": use each image in one labelled pair.")
+        else:
+            trained[key] = (pair.image, f"the image of labelled pair {number}", "test on another image")
+    for layer in unlabelled:
+        trained.setdefault(_source_key(layer), (layer, "an unlabelled image",
+                                                f"untick '{layer.name()}' in Unlabelled images"))
+    for number, pair in enumerate(test, 1):
+        if pair.image is not None and (seen := trained.get(_source_key(pair.image))):
+            first, where, fix = seen
+            problems.append(f"Test pair {number}: image '{pair.image.name()}' {_same_as(pair.image, first, where)}: "
+                            f"training would see the test image and inflate the test IoU; {fix}.")
     return problems
 
 
@@ -288,11 +416,10 @@ def check_plan(plan: RunPlan) -> list[str]:
         problems.append("Add at least one labelled pair: an image layer and its road label layer.")
     for number, pair in enumerate(pairs, 1):
         problems += _pair_problems(pair, number, "Labelled", plan.label_width)
-    for number, pair in enumerate(p for p in plan.test if p.image is not None or p.label is not None):
-        problems += _pair_problems(pair, number + 1, "Test", plan.label_width)
-    images = [pair.image.id() for pair in pairs if pair.image is not None]
-    if len(images) != len(set(images)):
-        problems.append("The same image is used in two labelled pairs.")
+    tests = [pair for pair in plan.test if pair.image is not None or pair.label is not None]
+    for number, pair in enumerate(tests, 1):
+        problems += _pair_problems(pair, number, "Test", plan.label_width)
+    problems += _shared_image_problems(pairs, tests, plan.unlabelled)
     for layer in plan.unlabelled:
         info = describe(layer)
         if not _is_raster(layer) or not info.usable:
@@ -366,7 +493,22 @@ def export_raster(layer: QgsRasterLayer, path: str, web: Optional[WebExtent] = N
     result = writer.writeRaster(pipe, cols, rows, extent, layer.crs(), QgsProject.instance().transformContext())
     if getattr(result, "value", result) != 0:
         raise RuntimeError(f"'{layer.name()}': writing {path} failed (error {result})")
+    # A service that does not answer still "exports": transparent black, which would train as imagery.
+    if layer.providerType() in WEB_PROVIDERS and _blank(path):
+        os.remove(path)
+        raise RuntimeError(f"Web layer '{layer.name()}' could not be fetched: its export over the visible map is "
+                           "empty (all pixels transparent or black). Check that the map shows its imagery (network, "
+                           "service, zoom level), then start again.")
     return path
+
+
+def _blank(path: str) -> bool:
+    """True when a raster holds nothing: every pixel transparent (alpha 0) or every band 0."""
+    dataset = gdal.Open(path)
+    bands = [dataset.GetRasterBand(i + 1) for i in range(dataset.RasterCount)]
+    empty = [not band.ReadAsArray().any() for band in bands]
+    alpha = [e for band, e in zip(bands, empty) if band.GetColorInterpretation() == gdal.GCI_AlphaBand]
+    return any(alpha) or all(empty)
 
 
 def export_vector(layer: QgsVectorLayer, path: str) -> str:
@@ -375,6 +517,9 @@ def export_vector(layer: QgsVectorLayer, path: str) -> str:
     options.driverName = "GPKG"
     options.fileEncoding = "UTF-8"
     options.layerName = "labels"
+    # Not "fid": a GeoPackage's features added in an editing session have no fid yet, and the writer would take
+    # the column as the new file's feature ids (two features with id 1); the source's fids stay a plain column.
+    options.layerOptions = ["FID=road_sslkd_fid"]
     result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, path, QgsProject.instance().transformContext(), options)
     error, message = result[0], result[1]
     if getattr(error, "value", error) != 0:
@@ -399,6 +544,17 @@ def _source_path(layer: QgsMapLayer, inputs_dir: str, web: Optional[WebExtent], 
     return path
 
 
+def _pair_paths(pair: Pair, inputs_dir: str, web: Optional[WebExtent], used: dict[str, str]) -> tuple[str, str]:
+    image = _source_path(pair.image, inputs_dir, web, used)
+    label = _source_path(pair.label, inputs_dir, web, used)
+    if describe(pair.image).export == "web":  # the check before Start knew only the service's whole-world extent
+        exported = QgsRasterLayer(image, pair.image.name(), "gdal")
+        if not _overlaps(exported.extent(), exported.crs(), pair.label):
+            raise RuntimeError(f"Labels '{pair.label.name()}' are not on the visible map, where web layer "
+                               f"'{pair.image.name()}' is exported: pan the map over the labels, then start again.")
+    return image, label
+
+
 def needs_export(plan: RunPlan) -> bool:
     layers = [p.image for p in [*plan.labelled, *plan.test]] + [p.label for p in [*plan.labelled, *plan.test]]
     return any(layer is not None and describe(layer).export for layer in [*layers, *plan.unlabelled])
@@ -407,21 +563,21 @@ def needs_export(plan: RunPlan) -> bool:
 def to_request(plan: RunPlan, inputs_dir: str, web: Optional[WebExtent] = None) -> TrainRequest:
     """Plain-path TrainRequest for a checked plan, exporting non-file layers into ``inputs_dir`` first.
 
-    Images used in a labelled or test pair are left out of the unlabelled set.
+    Images used in a labelled or test pair (as a layer or as its file) are left out of the unlabelled set, and
+    a file loaded as two unlabelled layers is passed once.
     """
     used: dict[str, str] = {}
-    labelled = [
-        (_source_path(p.image, inputs_dir, web, used), _source_path(p.label, inputs_dir, web, used))
-        for p in plan.labelled
-        if p.image is not None and p.label is not None
-    ]
-    test = [
-        (_source_path(p.image, inputs_dir, web, used), _source_path(p.label, inputs_dir, web, used))
-        for p in plan.test
-        if p.image is not None and p.label is not None
-    ]
-    paired = {p.image.id() for p in [*plan.labelled, *plan.test] if p.image is not None}
-    unlabelled = [_source_path(layer, inputs_dir, web, used) for layer in plan.unlabelled if layer.id() not in paired]
+
+    def paths(pairs: list[Pair]) -> list[tuple[str, str]]:
+        return [_pair_paths(p, inputs_dir, web, used) for p in pairs if p.image is not None and p.label is not None]
+
+    labelled, test = paths(plan.labelled), paths(plan.test)
+    taken = {_source_key(p.image) for p in [*plan.labelled, *plan.test] if p.image is not None}
+    unlabelled = []
+    for layer in plan.unlabelled:
+        if (key := _source_key(layer)) not in taken:
+            taken.add(key)
+            unlabelled.append(_source_path(layer, inputs_dir, web, used))
     width = plan.label_width if plan.has_vector_labels() else None
     if width is not None and not math.isfinite(width):
         width = None

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from qgis.core import QgsProject, QgsRasterLayer, QgsUnitTypes, QgsVectorLayer
+from qgis.core import QgsProject, QgsRasterLayer
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsDoubleSpinBox, QgsFileWidget
 from qgis.PyQt.QtCore import QSize, Qt, QTimer, QUrl, pyqtSignal
-from qgis.PyQt.QtGui import QBrush, QColor, QDesktopServices, QFont, QFontDatabase, QTextCursor
+from qgis.PyQt.QtGui import QBrush, QColor, QDesktopServices, QFont, QFontDatabase, QTextCursor, QTextOption
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QApplication,
@@ -70,6 +70,7 @@ from ..core.layers import (
     image_layers,
     needs_export,
     to_request,
+    width_units,
 )
 from ..core.protocol import (
     DEVICES,
@@ -212,6 +213,7 @@ class RoadSSLKDDock(QgsDockWidget):
         self._taken: dict[str, str] = {}
         self._started: Optional[float] = None
         self._run_left_project = False  # another project was opened (or a new one begun) during the run
+        self._shown_model: Optional[str] = None  # the ONNX student of the run the Results tab shows
         self._save_timer = QTimer(self)
         self._save_timer.setSingleShot(True)
         self._save_timer.setInterval(400)
@@ -266,6 +268,7 @@ class RoadSSLKDDock(QgsDockWidget):
         self.start_button.clicked.connect(self.start)
         self.cancel_button = QPushButton(theme_icon("/mTaskCancel.svg"), "Cancel", root)
         self.cancel_button.setMinimumHeight(30)
+        self.cancel_button.setToolTip("Stop the training; Resume continues it later from its last checkpoint")
         self.cancel_button.clicked.connect(self.cancel)
         self.resume_button = QPushButton(theme_icon("/mActionReload.svg"), "Resume", root)
         self.resume_button.setMinimumHeight(30)
@@ -309,8 +312,10 @@ class RoadSSLKDDock(QgsDockWidget):
         self.label_width.setValue(6.0)
         self.label_width.setClearValue(6.0)
         self.label_width.setToolTip(
-            "Lines are buffered to this full width, in the units of the image's CRS (metres for a projected CRS)")
+            "Lines are buffered to this full width, in the image CRS's map units when it is projected (usually "
+            "metres) and in metres when it is geographic; a width_m or width field of the layer overrides it")
         self.label_width.valueChanged.connect(self._schedule_save)
+        self.width_label.setBuddy(self.label_width)
         width_row.addWidget(self.width_label, 1)
         width_row.addWidget(self.label_width)
         inner.addLayout(width_row)
@@ -329,9 +334,15 @@ class RoadSSLKDDock(QgsDockWidget):
         self.unlabelled.changed.connect(self._inputs_changed)
         inner.addWidget(self.unlabelled)
         row = QHBoxLayout()
-        for text, checked in (("All", True), ("None", False)):
-            button = QToolButton(box)
+        self.all_button, self.none_button = QToolButton(box), QToolButton(box)
+        for button, text, checked, tip in (
+            (self.all_button, "All", True,
+             "Tick the rasters with as many bands as the first labelled image (all rasters when there is none); "
+             "untick the others"),
+            (self.none_button, "None", False, "Untick every unlabelled image"),
+        ):
             button.setText(text)
+            button.setToolTip(tip)
             button.setAutoRaise(True)
             button.clicked.connect(lambda _=False, c=checked: self.select_unlabelled(c))
             row.addWidget(button)
@@ -384,10 +395,16 @@ class RoadSSLKDDock(QgsDockWidget):
         self.output_folder = QgsFileWidget(box)
         self.output_folder.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.output_folder.setDialogTitle("Folder for training runs")
+        self.output_folder.setToolTip(
+            "Each run gets a folder in here (empty: the folder shown in grey); a relative folder is taken from "
+            "the project's folder")
         self.output_folder.fileChanged.connect(self._schedule_save)
         form.addRow("Output folder", self.output_folder)
         self.run_name = QLineEdit(box)
         self.run_name.setClearButtonEnabled(True)
+        self.run_name.setToolTip(
+            "The run's folder in the output folder (empty: run-date-time). Start refuses a folder that already "
+            "holds files")
         self.run_name.textChanged.connect(self._schedule_save)
         form.addRow("Run name", self.run_name)
         inner.addLayout(form)
@@ -399,16 +416,23 @@ class RoadSSLKDDock(QgsDockWidget):
         for name in DEVICES:
             self.device.addItem(name, name)
         self.device.currentIndexChanged.connect(self._schedule_save)
+        self.device.setToolTip("Where the backend trains: auto takes a CUDA GPU when PyTorch sees one, else the CPU")
         form.addRow("Device", self.device)
         self.seed = QSpinBox(self.advanced)
         self.seed.setRange(-1, 2**31 - 1)
         self.seed.setSpecialValueText("backend default")
         self.seed.setValue(-1)
+        self.seed.setToolTip(
+            "Random seed: the same seed, data and settings repeat a run. backend default: the config file's "
+            "seed, else 0")
         self.seed.valueChanged.connect(self._schedule_save)
         form.addRow("Seed", self.seed)
         self.config_file = QgsFileWidget(self.advanced)
         self.config_file.setFilter("JSON (*.json)")
         self.config_file.setDialogTitle("Backend configuration (JSON)")
+        self.config_file.setToolTip(
+            "A JSON object of backend settings (e.g. {\"lr\": 0.0003}): it overrides the preset; the options "
+            "here override it")
         self.config_file.fileChanged.connect(self._schedule_save)
         form.addRow("Config file", self.config_file)
         self.baselines = QCheckBox("Baseline students too", self.advanced)
@@ -432,10 +456,13 @@ class RoadSSLKDDock(QgsDockWidget):
         form.addRow("Encoder weights", self.weights)
         self.bands = QLineEdit(self.advanced)
         self.bands.setPlaceholderText("1,2,3 (or e.g. 4,3,2, or 1 for one band)")
+        self.bands.setToolTip("The image bands training reads, by number from 1. Empty: 1,2,3")
         self.bands.textChanged.connect(self._schedule_save)
         form.addRow("Bands", self.bands)
         self.extra_args = QLineEdit(self.advanced)
         self.extra_args.setPlaceholderText("more road-sslkd train options")
+        self.extra_args.setToolTip(
+            "Added to 'road-sslkd train' as typed (split as a shell would); 'road-sslkd train --help' lists them")
         self.extra_args.textChanged.connect(self._schedule_save)
         form.addRow("Extra options", self.extra_args)
         self.interpreter_label = QLineEdit(self.advanced)  # a long path scrolls inside instead of widening
@@ -466,6 +493,7 @@ class RoadSSLKDDock(QgsDockWidget):
         bold = QFont(self.status_label.font())
         bold.setBold(True)
         self.status_label.setFont(bold)
+        self.status_label.setWordWrap(True)  # "Cross-model SSL · step 12345 of 20000" must not widen the dock
         self.eta_label = QLabel(page)
         self.eta_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         status_row.addWidget(self.status_label, 1)
@@ -476,7 +504,8 @@ class RoadSSLKDDock(QgsDockWidget):
         self.log = QPlainTextEdit(page)
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(5000)
-        self.log.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.log.setLineWrapMode(QPlainTextEdit.LineWrapMode.WidgetWidth)
+        self.log.setWordWrapMode(QTextOption.WrapMode.WrapAtWordBoundaryOrAnywhere)  # long paths have no spaces
         mono = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
         mono.setPointSizeF(max(7.0, self.font().pointSizeF() * 0.85))
         self.log.setFont(mono)
@@ -544,6 +573,8 @@ class RoadSSLKDDock(QgsDockWidget):
             (project.layersAdded, self._layers_changed),
             (project.layerLoaded, self._project_loading),
             (project.layersRemoved, self._layers_changed),
+            # Any project entry written, "Choose Road Model…" among them: is the shown model still the one in use?
+            (project.dirtySet, self._show_model_in_use),
         ]
         for signal, slot in pairs:
             if connect:
@@ -605,11 +636,7 @@ class RoadSSLKDDock(QgsDockWidget):
         plan = self.current_plan()
         self.width_label.setEnabled(plan.has_vector_labels())
         self.label_width.setEnabled(plan.has_vector_labels())
-        units = ""
-        for pair in [*plan.labelled, *plan.test]:
-            if isinstance(pair.label, QgsVectorLayer):
-                units = QgsUnitTypes.toAbbreviatedString(pair.label.crs().mapUnits())
-                break
+        units = width_units(plan)
         self.label_width.setSuffix(f" {units}" if units else "")
         notes = []
         for pair in plan.labelled:
@@ -1113,6 +1140,8 @@ class RoadSSLKDDock(QgsDockWidget):
         self.summary.setText("No results yet: they appear here when a training finishes.")
         self.report.clear()
         self.use_button.setEnabled(False)
+        self._shown_model = None
+        self._show_model_in_use()
         self.report_button.setEnabled(False)
         self.open_folder_button.setEnabled(bool(self.run_dir) and os.path.isdir(self.run_dir or ""))
 
@@ -1155,9 +1184,8 @@ class RoadSSLKDDock(QgsDockWidget):
             _show_markdown(self.report, report_for_panel(_read_text(folder.report)), run_dir)
         self.report_button.setEnabled(folder.report is not None)
         self.use_button.setEnabled(folder.onnx is not None)
-        self.use_button.setText(
-            "In use for segmentation" if folder.onnx and settings.selected_model() == folder.onnx else "Use this model"
-        )
+        self._shown_model = folder.onnx
+        self._show_model_in_use()
         self.open_folder_button.setEnabled(os.path.isdir(run_dir))
 
     def _fit_table_height(self) -> None:
@@ -1171,13 +1199,18 @@ class RoadSSLKDDock(QgsDockWidget):
             table.horizontalHeader().sizeHint().height() + rows * row_height + 2 * table.frameWidth() + 2
         )
 
+    def _show_model_in_use(self) -> None:
+        """The use button says whether the shown run's student is the model segmentation uses now."""
+        in_use = bool(self._shown_model) and settings.selected_model() == self._shown_model
+        self.use_button.setText("In use for segmentation" if in_use else "Use this model")
+
     def use_model(self) -> None:
         """Make this run's student the model segmentation uses (settings key road_sslkd/model/onnx_path)."""
         onnx = RunFolder(self.run_dir or "").onnx
         if onnx is None:
             return
         settings.set_selected_model(onnx)
-        self.use_button.setText("In use for segmentation")
+        self._show_model_in_use()
         self.notify(f"Segmentation now uses {onnx}")
         self.model_selected.emit(onnx)
 
@@ -1217,7 +1250,8 @@ class RoadSSLKDDock(QgsDockWidget):
             self.runner.backend_event.disconnect(self.on_event)
             self.runner.log.disconnect(self.log_line)
             self.runner.stop_and_wait()
-            settings.set_project_value("last_run_state", "cancelled")
+            if not self._run_left_project:  # else the open project is not the run's: its own keeps "running"
+                settings.set_project_value("last_run_state", "cancelled")
 
 
 def _float(value: object, default: float) -> float:

@@ -6,8 +6,8 @@ from typing import Callable, Optional
 
 from qgis.core import QgsApplication, QgsMapLayer, QgsProject
 from qgis.gui import QgsMapLayerComboBox
-from qgis.PyQt.QtCore import QRectF, QSize, Qt, pyqtSignal
-from qgis.PyQt.QtGui import QColor, QFont, QPainter, QPaintEvent, QPalette, QPen
+from qgis.PyQt.QtCore import QEvent, QPoint, QPointF, QRectF, QSize, Qt, pyqtSignal
+from qgis.PyQt.QtGui import QColor, QFont, QHelpEvent, QPainter, QPaintEvent, QPalette, QPen
 from qgis.PyQt.QtWidgets import (
     QFrame,
     QGridLayout,
@@ -17,6 +17,7 @@ from qgis.PyQt.QtWidgets import (
     QListWidgetItem,
     QSizePolicy,
     QToolButton,
+    QToolTip,
     QVBoxLayout,
     QWidget,
 )
@@ -55,15 +56,21 @@ def muted(label: QLabel, scale: float = 1.0) -> QLabel:
 
 
 class PairRow(QWidget):
-    """One image combo, one label combo and a remove button."""
+    """One image combo, one label combo and a remove button; a note says when a chosen layer was removed."""
 
     changed = pyqtSignal()
     remove_requested = pyqtSignal(object)
 
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
-        layout = QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
+        # Connected before the combos exist, so it runs before their models drop the layer: a combo whose
+        # layer vanishes moves on to the next layer in its list, which would silently swap the pair.
+        QgsProject.instance().layersWillBeRemoved.connect(self._layers_removed)
+        self._removed: dict[str, str] = {}  # "image" / "label": name of the layer removed from the project
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(1)
+        layout = QHBoxLayout()
         layout.setSpacing(4)
         self.image = QgsMapLayerComboBox(self)
         self.image.setFilters(layer_filter("RasterLayer"))
@@ -87,11 +94,37 @@ class PairRow(QWidget):
         layout.addWidget(self.image, 1)
         layout.addWidget(self.label, 1)
         layout.addWidget(self.remove)
+        outer.addLayout(layout)
+        self.note = QLabel(self)
+        self.note.setWordWrap(True)
+        self.note.hide()
+        outer.addWidget(self.note)
 
     def _changed(self) -> None:
         image = self.image.currentLayer()
         self.label.setExceptedLayerList([image] if image is not None else [])
+        # A side chosen again needs no note any more.
+        self._removed = {
+            side: name for side, name in self._removed.items() if getattr(self, side).currentLayer() is None
+        }
+        self._show_note()
         self.changed.emit()
+
+    def _layers_removed(self, layer_ids: list[str]) -> None:
+        """Empty the side whose layer leaves the project, and say so."""
+        for side in ("image", "label"):
+            combo: QgsMapLayerComboBox = getattr(self, side)
+            layer = combo.currentLayer()
+            if layer is not None and layer.id() in layer_ids:
+                name = layer.name()
+                combo.setLayer(None)
+                self._removed[side] = name
+        self._show_note()
+
+    def _show_note(self) -> None:
+        names = ", ".join(f"'{name}'" for name in self._removed.values())
+        self.note.setText(f"Removed from the project: {names}. Choose again." if names else "")
+        self.note.setVisible(bool(names))
 
     def pair(self) -> Pair:
         return Pair(self.image.currentLayer(), self.label.currentLayer())
@@ -133,8 +166,23 @@ class PairsEditor(QWidget):
         row.remove_requested.connect(self.remove_pair)
         self.rows.append(row)
         self.rows_layout.addWidget(row)
+        self._place_in_tab_order(row)
         self.changed.emit()
         return row
+
+    def _place_in_tab_order(self, row: PairRow) -> None:
+        """Tab reaches the row's controls where they are shown, just before the add button.
+
+        A new widget joins the end of its window's focus chain, after the footer buttons made long before.
+        """
+        before = self.add_button.previousInFocusChain()
+        while before is not self.add_button and (
+            before.focusPolicy() == Qt.FocusPolicy.NoFocus or row.isAncestorOf(before)
+        ):
+            before = before.previousInFocusChain()
+        for widget in (row.image, row.label, row.remove):
+            QWidget.setTabOrder(before, widget)
+            before = widget
 
     def remove_pair(self, row: PairRow) -> None:
         if row in self.rows:
@@ -260,7 +308,6 @@ class StageStrip(QWidget):
     def set_current(self, stage: str) -> None:
         if stage not in self.stages:  # a stage we did not expect (pretraining, say) runs now: after the current one
             self.stages.insert(self.stages.index(self.current) + 1 if self.current in self.stages else 0, stage)
-        self.setToolTip(" → ".join(stage_label(s) for s in self.stages))
         if self.current and self.current != stage:
             self.done.add(self.current)
         self.current = stage
@@ -272,17 +319,41 @@ class StageStrip(QWidget):
             self.current = None
         self.update()
 
+    def chips(self) -> list[tuple[str, QRectF]]:
+        """Each stage with its chip's rectangle: the strip's width shared out, 3 px apart."""
+        gap = 3.0
+        width = (self.width() - gap * (len(self.stages) - 1)) / max(len(self.stages), 1)
+        return [
+            (stage, QRectF(index * (width + gap), 2, width, self.height() - 4))
+            for index, stage in enumerate(self.stages)
+        ]
+
+    def chip_tooltip(self, pos: QPoint) -> str:
+        """The full name and state of the stage under ``pos`` (chips show a short name, elided when narrow)."""
+        for number, (stage, rect) in enumerate(self.chips(), 1):
+            if rect.contains(QPointF(pos)):
+                state = "done" if stage in self.done else "running" if stage == self.current else "to come"
+                return f"Stage {number} of {len(self.stages)}: {stage_label(stage)} ({state})"
+        return ""
+
+    def event(self, event: QEvent) -> bool:  # Qt override: one tooltip per chip
+        if event.type() == QEvent.Type.ToolTip and isinstance(event, QHelpEvent):
+            text = self.chip_tooltip(event.pos())
+            if text:
+                QToolTip.showText(event.globalPos(), text, self)
+            else:
+                QToolTip.hideText()
+            return True
+        return super().event(event)
+
     def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt override
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing, True)
         font = QFont(self.font())
         font.setPointSizeF(max(6.5, self.font().pointSizeF() * 0.78))
         painter.setFont(font)
-        gap = 3.0
-        width = (self.width() - gap * (len(self.stages) - 1)) / max(len(self.stages), 1)
         text_colour = self.palette().text().color()
-        for index, stage in enumerate(self.stages):
-            rect = QRectF(index * (width + gap), 2, width, self.height() - 4)
+        for stage, rect in self.chips():
             text = short_stage_label(stage)
             if stage in self.done:
                 fill, fg = QColor(OK_GREEN), QColor("white")

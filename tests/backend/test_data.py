@@ -13,12 +13,18 @@ from road_sslkd.data import CropSampler, Label, Normalizer, Pair, Raster, parse_
 from road_sslkd.targets import prior_threshold
 
 
-def _write(path, array, nodata=None, crs="EPSG:32633", res=0.5):
+def _write(path, array, nodata=None, crs="EPSG:32633", res=0.5, origin=(500000, 5000000)):
     array = array if array.ndim == 3 else array[None]
     with rasterio.open(path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1],
                        count=array.shape[0], dtype=array.dtype, crs=crs, nodata=nodata, photometric="minisblack",
-                       transform=from_origin(500000, 5000000, res, res)) as dst:
+                       transform=from_origin(*origin, res, res)) as dst:
         dst.write(array)
+    return path
+
+
+def _write_lines(path, lines, crs, **fields):
+    pyogrio.raw.write(path, geometry=shapely.to_wkb(np.array(lines)), field_data=list(fields.values()),
+                      fields=list(fields), geometry_type="LineString", crs=crs, driver="GPKG")
     return path
 
 
@@ -50,9 +56,7 @@ def test_vector_lines_are_rasterised_with_width(tmp_path):
     image = _write(tmp_path / "img.tif", np.zeros((3, 100, 100), np.uint8))
     # A horizontal road through the middle row (y = 5000000 - 25 m), 5 m wide = 10 px at 0.5 m.
     line = shapely.LineString([(500000, 4999975), (500050, 4999975)])
-    gpkg = tmp_path / "roads.gpkg"
-    pyogrio.raw.write(gpkg, geometry=shapely.to_wkb(np.array([line])), field_data=[], fields=[],
-                  geometry_type="LineString", crs="EPSG:32633", driver="GPKG")
+    gpkg = _write_lines(tmp_path / "roads.gpkg", [line], "EPSG:32633")
     pair = Pair(image, gpkg)
     assert pair.is_vector
     label = Label(pair, Raster(image, [1, 2, 3]), width=5.0)
@@ -67,12 +71,31 @@ def test_vector_labels_in_another_crs_are_reprojected(tmp_path):
     from rasterio.warp import transform
 
     xs, ys = transform("EPSG:32633", "EPSG:4326", [500000, 500050], [4999975, 4999975])
-    gpkg = tmp_path / "roads_wgs84.gpkg"
-    line = shapely.LineString(list(zip(xs, ys)))
-    pyogrio.raw.write(gpkg, geometry=shapely.to_wkb(np.array([line])), field_data=[], fields=[],
-                  geometry_type="LineString", crs="EPSG:4326", driver="GPKG")
+    gpkg = _write_lines(tmp_path / "roads_wgs84.gpkg", [shapely.LineString(list(zip(xs, ys)))], "EPSG:4326")
     mask = Label(Pair(image, gpkg), Raster(image, [1, 2, 3]), width=5.0).read(0, 0, 100, 100)
     assert mask[50, 5:95].all() and not mask[30].any()
+
+
+def test_road_widths_over_a_geographic_image_are_metres(tmp_path):
+    # 100 x 100 px of 1e-5 degrees at 45 N: a pixel is 1.11 m high, so a 6 m wide road covers 5 to 6 rows
+    # (6 degrees would cover the whole image).
+    image = _write(tmp_path / "img.tif", np.zeros((3, 100, 100), np.uint8), crs="EPSG:4326", res=1e-5,
+                   origin=(15.0, 45.0))
+    y = 45.0 - 50.5e-5  # the centre of row 50
+    gpkg = _write_lines(tmp_path / "roads.gpkg", [shapely.LineString([(15.0, y), (15.001, y)])], "EPSG:4326")
+    mask = Label(Pair(image, gpkg), Raster(image, [1, 2, 3]), width=6.0).read(0, 0, 100, 100)
+    rows = np.where(mask.any(axis=1))[0]
+    assert mask[50].all() and 5 <= len(rows) <= 6 and rows.min() >= 47 and rows.max() <= 53
+
+
+def test_a_width_field_holding_text_is_named(tmp_path):
+    image = _write(tmp_path / "img.tif", np.zeros((3, 100, 100), np.uint8))
+    line = shapely.LineString([(500000, 4999975), (500050, 4999975)])
+    gpkg = _write_lines(tmp_path / "roads.gpkg", [line, line], "EPSG:32633",
+                        Width=np.array(["5 m", "4"], dtype=object))
+    with pytest.raises(data.UserError, match="road width field 'Width' .* holds '5 m', not a number") as error:
+        Label(Pair(image, gpkg), Raster(image, [1, 2, 3]), width=5.0)
+    assert "plain numbers" in error.value.hint
 
 
 def test_normaliser_and_crops(tmp_path):

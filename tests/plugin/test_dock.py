@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
 from qgis.PyQt.QtCore import Qt
 from test_layers import XYZ, line_layer, write_raster
 
@@ -20,7 +20,7 @@ from road_sslkd_plugin.core.backend import (
     venv_python,
 )
 from road_sslkd_plugin.core.layers import Pair
-from road_sslkd_plugin.core.protocol import stage_label
+from road_sslkd_plugin.core.protocol import TRAIN_STAGES, stage_label
 from road_sslkd_plugin.core.runner import TrainingRunner
 from road_sslkd_plugin.ui.dock import RoadSSLKDDock, absolute_folder
 from road_sslkd_plugin.ui.widgets import StageStrip
@@ -428,3 +428,131 @@ def test_a_pending_kill_never_reaches_the_next_run(qgis_iface, tmp_path):
     runner.cancel()
     assert wait_until(lambda: len(outcomes) == 2, 30)
     assert outcomes[1].status == "cancelled" and outcomes[1].exit_code == 143, outcomes[1].details()
+
+
+def test_a_layer_removed_from_the_project_leaves_its_pair_side_empty(layers, make_dock, tmp_path):
+    """The combo of a removed layer never moves on to the next layer in its list (a silently swapped pair)."""
+    project = QgsProject.instance()
+    mask_b = QgsRasterLayer(write_raster(tmp_path / "mb.tif", x0=500100.0, bands=1), "mask B", "gdal")
+    scene_c = QgsRasterLayer(write_raster(tmp_path / "c.tif"), "scene C", "gdal")
+    scene_d = QgsRasterLayer(write_raster(tmp_path / "d.tif"), "scene D", "gdal")  # next after scene C
+    test_mask = QgsRasterLayer(write_raster(tmp_path / "mc.tif", bands=1), "test mask", "gdal")
+    project.addMapLayers([mask_b, scene_c, scene_d, test_mask])
+    dock = make_dock(missing_backend(tmp_path))
+    dock.labelled.set_pairs([Pair(layers["scene A"], layers["mask A"]), Pair(layers["scene B"], mask_b)])
+    dock.test_pairs.set_pairs([Pair(scene_c, test_mask)])
+    dock.unlabelled.set_all(False)
+    dock.unlabelled.findItems("scene D", Qt.MatchFlag.MatchExactly)[0].setCheckState(Qt.CheckState.Checked)
+
+    project.removeMapLayer(layers["mask A"].id())
+    project.removeMapLayer(scene_c.id())
+    first, second = dock.labelled.rows
+    assert (first.pair().image, first.pair().label) == (layers["scene A"], None)
+    assert (second.pair().image, second.pair().label) == (layers["scene B"], mask_b)
+    assert "'mask A'" in first.note.text() and first.note.isVisibleTo(dock) and not second.note.isVisibleTo(dock)
+    test_row = dock.test_pairs.rows[0]
+    assert (test_row.pair().image, test_row.pair().label) == (None, test_mask)
+    assert "'scene C'" in test_row.note.text()
+    assert [layer.name() for layer in dock.unlabelled.checked_layers()] == ["scene D"]
+    problems = dock.check(dock.current_plan())
+    assert "Labelled pair 1: choose a label layer." in problems and "Test pair 1: choose an image." in problems
+    dock.save_settings()
+    assert settings.project_json("labelled", [])[0] == {"image": layers["scene A"].id(), "label": ""}
+
+    first.label.setLayer(mask_b)  # chosen again: the note goes
+    assert not first.note.isVisibleTo(dock)
+
+
+def tab_chain(dock):
+    """The dock's controls in the order Tab visits them: its focus chain, shown, enabled and tab-focusable."""
+    chain, widget = [], dock.widget()
+    for _ in range(2000):
+        widget = widget.nextInFocusChain()
+        if widget is dock.widget():
+            return chain
+        if widget.focusPolicy() & Qt.FocusPolicy.TabFocus and widget.isVisibleTo(dock) and widget.isEnabled():
+            chain.append(widget)
+    raise AssertionError("the focus chain does not come back to the dock's contents")
+
+
+def test_tab_reaches_pair_rows_where_they_are_shown(layers, make_dock, tmp_path):
+    """Rows made after the footer buttons still come before "Add labelled pair", not after Start."""
+    dock = make_dock(missing_backend(tmp_path))
+    dock.labelled.set_pairs([Pair(layers["scene A"], layers["mask A"])])
+    dock.labelled.add_button.click()
+    dock.test_box.setCollapsed(False)
+    dock.test_pairs.add_button.click()
+    first, second = dock.labelled.rows
+    test_row = dock.test_pairs.rows[0]
+    names = {
+        first.image: "image 1", first.label: "labels 1", first.remove: "remove 1",
+        second.image: "image 2", second.label: "labels 2", second.remove: "remove 2",
+        dock.labelled.add_button: "add pair", dock.unlabelled: "unlabelled", dock.all_button: "all",
+        dock.none_button: "none", test_row.image: "test image", test_row.label: "test labels",
+        test_row.remove: "test remove", dock.test_pairs.add_button: "add test pair", dock.start_button: "start",
+    }
+    visited = [names[widget] for widget in tab_chain(dock) if widget in names]
+    assert visited == list(names.values())
+
+
+def test_long_status_wraps_instead_of_widening_the_dock(make_dock, tmp_path):
+    """A wider minimum would push the map aside in QGIS."""
+    dock = make_dock(missing_backend(tmp_path))
+    dock.resize(420, 720)
+    dock.show()
+    dock.tabs.setCurrentIndex(dock.tabs.indexOf(dock.log.parentWidget()))
+    narrowest = dock.widget().minimumSizeHint().width()
+    dock.stage_strip.reset(list(TRAIN_STAGES))  # baselines on: 8 chips
+    dock.on_event({"event": "progress", "stage": "teachers_ssl", "step": 12345, "total": 20000, "eta": 7384})
+    QgsApplication.processEvents()  # the layout takes the label's new size
+    assert dock.status_label.text() == "Cross-model SSL · step 12345 of 20000"
+    assert dock.widget().minimumSizeHint().width() <= narrowest < 420
+    dock.log_line("Wrote checkpoint: " + "/very/long/folder/name" * 20 + "/teachers_ssl.pt", "info")
+    QgsApplication.processEvents()
+    assert dock.log.horizontalScrollBar().maximum() == 0  # wrapped, even inside the path
+    dock.hide()
+
+
+def test_non_obvious_controls_explain_themselves(make_dock, tmp_path):
+    dock = make_dock(missing_backend(tmp_path))
+    controls = {
+        "All": dock.all_button, "None": dock.none_button, "Device": dock.device, "Seed": dock.seed,
+        "Config file": dock.config_file, "Bands": dock.bands, "Extra options": dock.extra_args,
+        "Output folder": dock.output_folder, "Run name": dock.run_name, "Cancel": dock.cancel_button,
+    }
+    assert [name for name, widget in controls.items() if not widget.toolTip()] == []
+    assert "bands" in dock.all_button.toolTip()
+    assert dock.width_label.buddy() is dock.label_width
+
+
+def test_unloading_leaves_another_projects_run_state_alone(make_dock, tmp_path):
+    """Unloading during a run started in another project stops it and writes nothing into the open one."""
+    project = QgsProject.instance()
+    backend = fake_backend(tmp_path)
+    for own_project, expected in ((False, "done"), (True, "cancelled")):
+        project.clear()
+        dock = make_dock(missing_backend(tmp_path))
+        dock.backend = backend
+        run = tmp_path / f"run-{own_project}"
+        dock._start_process([str(run), str(tmp_path / "never")], str(run), fresh=True)
+        assert wait_until(lambda d=dock: d.stage_strip.current == "teacher_a", 60)  # the backend runs
+        if not own_project:
+            project.clear()  # another project opened while the run goes on
+        settings.set_project_value("last_run_state", "done")
+        dock.shutdown()
+        assert not dock.runner.is_running()
+        assert settings.project_value("last_run_state") == expected
+
+
+def test_the_use_button_follows_the_model_chosen_elsewhere(make_dock, tmp_path):
+    run = finished_run(tmp_path / "run-1")
+    dock = make_dock(missing_backend(tmp_path))
+    dock.run_dir = str(run)
+    dock.load_results(str(run))
+    assert dock.use_button.text() == "Use this model"
+    dock.use_button.click()
+    assert dock.use_button.text() == "In use for segmentation"
+    settings.set_selected_model(str(tmp_path / "deepness.onnx"))  # what Plugins > Choose Road Model… does
+    assert dock.use_button.text() == "Use this model"
+    settings.set_selected_model(str(run / "student.onnx"))
+    assert dock.use_button.text() == "In use for segmentation"

@@ -296,7 +296,6 @@ def _rasterise_vector(path: Path, raster: Raster, width: float) -> np.ndarray:
     import pyogrio
     import shapely
     from rasterio.features import rasterize
-    from rasterio.warp import transform_geom
 
     if not path.exists():
         raise UserError(f"file not found: {path}", "check the label path")
@@ -304,25 +303,68 @@ def _rasterise_vector(path: Path, raster: Raster, width: float) -> np.ndarray:
         meta, _, wkb, field_data = pyogrio.raw.read(path)
     except Exception as exc:  # noqa: BLE001 - pyogrio raises many types for unreadable files
         raise UserError(f"cannot read vector labels {path}: {exc}", "give a GeoPackage, Shapefile or GeoJSON") from exc
-    # A per-feature width field wins over the run's default width; both are in the image CRS's units
-    # (the lines are buffered after reprojection).
-    names = [str(n).lower() for n in meta.get("fields", [])]
-    field = next((n for n in WIDTH_FIELDS if n in names), None)
-    widths = field_data[names.index(field)] if field else [width] * len(wkb)
-    features = [(g, float(w) if w is not None and float(w) > 0 else width)
-                for g, w in zip(shapely.from_wkb(wkb), widths) if g is not None and not g.is_empty]
+    # A per-feature width field wins over the run's default width; both are ground units: the image CRS's,
+    # or metres when it is geographic (see _buffer_lines).
+    names = [str(n) for n in meta.get("fields", [])]
+    lower = [n.lower() for n in names]
+    index = next((lower.index(n) for n in WIDTH_FIELDS if n in lower), None)
+    values = field_data[index] if index is not None else [None] * len(wkb)
+    width_field = names[index] if index is not None else ""
+    features = [(g, _feature_width(v, width, width_field, path))
+                for g, v in zip(shapely.from_wkb(wkb), values) if g is not None and not g.is_empty]
     if not features:
         raise UserError(f"{path} holds no geometry", "digitise road lines or polygons first")
+    geometries, widths = [g for g, _ in features], [w for _, w in features]
     src_crs, dst_crs = meta.get("crs"), raster.ds.crs
     if src_crs and dst_crs and rasterio.crs.CRS.from_user_input(src_crs) != dst_crs:
-        features = [(shapely.geometry.shape(transform_geom(src_crs, dst_crs, shapely.geometry.mapping(g))), w)
-                    for g, w in features]
-    shapes = [g if g.geom_type.endswith("Polygon") else g.buffer(w / 2, cap_style="flat") for g, w in features]
+        geometries = _reproject(geometries, src_crs, dst_crs)
     if raster.height * raster.width > CACHE_PIXELS * 4:
         raise UserError(f"{raster.path} is too large to rasterise vector labels in memory",
                         "rasterise the road lines to a mask on the image grid first (gdal_rasterize)")
-    return rasterize(shapes, out_shape=(raster.height, raster.width), transform=raster.ds.transform,
-                     fill=0, default_value=1, dtype="uint8")
+    return rasterize(_buffer_lines(geometries, widths, raster), out_shape=(raster.height, raster.width),
+                     transform=raster.ds.transform, fill=0, default_value=1, dtype="uint8")
+
+
+def _feature_width(value: Any, default: float, field_name: str, path: Path) -> float:
+    """A feature's road width: its width field's positive number, else (empty, zero, NaN) the run's width."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"the road width field '{field_name}' of {path} holds '{value}', not a number",
+                        f"store widths in '{field_name}' as plain numbers (5, not '5 m'), or rename the field so "
+                        "that the run's road width is used") from None
+    return number if number > 0 else default
+
+
+def _reproject(geometries: list, src_crs: Any, dst_crs: Any) -> list:
+    """Shapely geometries from one CRS to another (2D)."""
+    import shapely
+    from rasterio.warp import transform
+
+    def points(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(transform(src_crs, dst_crs, xy[:, 0], xy[:, 1]))
+
+    return list(shapely.transform(np.asarray(geometries, dtype=object), points))
+
+
+def _buffer_lines(geometries: list, widths: list[float], raster: Raster) -> list:
+    """Lines buffered to their full width (polygons kept as they are), in the image's CRS.
+
+    Widths are in the image CRS's units, except for a geographic CRS, whose degrees are no road width: there
+    the buffering happens in metres, in an azimuthal equidistant projection centred on the image (distances
+    true from its centre, and off by under 0.5 % within 1000 km of it), and the shapes go back.
+    """
+    crs, local = raster.ds.crs, None
+    if crs is not None and crs.is_geographic:
+        bounds = raster.ds.bounds
+        lon, lat = (bounds.left + bounds.right) / 2, (bounds.bottom + bounds.top) / 2
+        local = rasterio.crs.CRS.from_proj4(f"+proj=aeqd +lat_0={lat} +lon_0={lon} +ellps=WGS84 +units=m")
+        geometries = _reproject(geometries, crs, local)
+    shapes = [g if g.geom_type.endswith("Polygon") else g.buffer(w / 2, cap_style="flat")
+              for g, w in zip(geometries, widths)]
+    return _reproject(shapes, local, crs) if local is not None else shapes
 
 
 @dataclass
