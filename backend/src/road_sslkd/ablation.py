@@ -134,13 +134,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", type=Path, help="a finished run (e.g. a benchmark seed) with teacher_*_ssl")
     p.add_argument("--out", type=Path, required=True, help="folder for the variants' runs and ablation.md")
     p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}".replace("%", "%%"))
-    p.add_argument("--holdout", type=int, default=2, help="labelled images kept for validation")
+    p.add_argument("--holdout", type=int, default=2, help="labelled images kept for validation (default 2)")
     p.add_argument("--validate-on", choices=VALIDATE_ON, default="holdout",
                    help="holdout: the first --holdout labelled images; fold: the test pairs of a source trained "
                    "on a validation fold (scripts/validation_folds.py), which its teachers never saw")
     p.add_argument("--steps", type=int, help="student steps per variant (default: the source run's, as long as "
                    "its benchmark trains them; shorter students rank settings differently, docs/method.md)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.set_defaults(func=_run)
 
 

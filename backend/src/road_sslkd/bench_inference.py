@@ -169,7 +169,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench-inference", help="inference throughput and memory on this machine")
     p.add_argument("--out", type=Path, required=True, help="markdown file, e.g. docs/benchmarks/inference.md")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime (default: 2)")
-    p.add_argument("--sizes", default="1000,5000,20000", help="square raster sizes in px (comma-separated)")
+    p.add_argument("--sizes", default="1000,5000,20000",
+                   help="square raster sizes in px, comma-separated (default: 1000,5000,20000)")
     p.add_argument("--work", type=Path, help="scratch folder (default: a temporary folder; needs ~2 GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.set_defaults(func=_run)

@@ -96,7 +96,7 @@ def run_demo(out: Path, device: str = "auto", command: str = "road-sslkd demo") 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the whole job on embedded synthetic data, in minutes")
     p.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: demo)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.set_defaults(func=_run)
 
 

@@ -895,7 +895,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo-data",
         help="write a small SYNTHETIC road dataset (images, masks, centrelines, split.json)",
-        description="Write a small SYNTHETIC road dataset for demos and tests. " + ABOUT,
+        description=ABOUT,
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder; must be empty unless --overwrite")
     p.add_argument("--labelled", type=int, default=4, help="scenes with masks and centrelines (default 4)")

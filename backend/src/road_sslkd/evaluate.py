@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test", nargs="+", default=[], metavar="IMAGE:MASK", help="test pairs")
     p.add_argument("--tta", action="store_true", help="score each model's mean over the 8 flips and right-angle "
                    "rotations (test-time augmentation, 8x the time): what the students learn from a teacher")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.set_defaults(func=_run)
 
 

@@ -249,7 +249,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="tiny (a few minutes, tests), cpu (2-core profile, the default) or gpu (paper)")
     p.add_argument("--config", type=Path, help="JSON file overriding any setting")
     p.add_argument("--steps-scale", type=float, help="multiply every stage's steps (training length)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
     p.add_argument("--bands", help="1-based bands to use, e.g. 1,2,3")
     p.add_argument("--label-width", type=float, help="road width for vector labels, in the image CRS's units")
     p.add_argument("--weights", help="'imagenet', 'none', 'pretrain' (learn them first from the run's own "

@@ -367,12 +367,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "was trained on, from its metadata, where the raster has them; else the first N it takes)")
     p.add_argument("--tta", action="store_true", help="average each tile over its 8 flips and right-angle "
                    "rotations (test-time augmentation): 8x the time, about 2 IoU points on the CIL benchmark")
-    p.add_argument("--batch", type=_positive_int, default=4, help="tiles per inference call")
+    p.add_argument("--batch", type=_positive_int, default=4, help="tiles per inference call (default 4)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for onnxruntime (default: all cores, "
                    "shared among the workers)")
     p.add_argument("--workers", type=_positive_int, default=1, help="rasters predicted at once, each in its "
                    "own process; with CUDA, worker i uses GPU i (give one worker per GPU)")
-    p.add_argument("--provider", choices=PROVIDERS, default="auto")
+    p.add_argument("--provider", choices=PROVIDERS, default="auto",
+                   help="onnxruntime execution provider (default: auto, CUDA where it starts, else the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_run)
 
