@@ -100,9 +100,9 @@ class TrainingChart(QWidget):
         )
         if not self.series:
             painter.setPen(muted)
-            painter.drawText(
-                QRectF(self.rect()),
-                Qt.AlignmentFlag.AlignCenter,
+            painter.drawText(  # wrapped: a narrow dock would cut one long line at both ends
+                QRectF(self.rect()).adjusted(8, 0, -8, 0),
+                int(Qt.AlignmentFlag.AlignCenter) | int(Qt.TextFlag.TextWordWrap),
                 "Losses and validation IoU appear here during training",
             )
             painter.end()
