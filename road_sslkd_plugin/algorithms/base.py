@@ -29,3 +29,10 @@ class RoadAlgorithm(QgsProcessingAlgorithm):
 
     def icon(self) -> QIcon:
         return QIcon(icon_path())
+
+    def svgIconPath(self) -> str:  # noqa: N802 - the modeler draws this one, not icon()
+        return icon_path()
+
+    def tags(self) -> list[str]:
+        return ["roads", "road extraction", "segmentation", "deep learning", "onnx", "semi-supervised",
+                "knowledge distillation", "sslkd"]

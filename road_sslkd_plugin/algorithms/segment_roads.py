@@ -17,6 +17,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputLayerDefinition,
     QgsProcessingParameterBand,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterExtent,
@@ -118,8 +119,8 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             "Road threshold for the mask (default: the model's)",
             NUMBER_DOUBLE,
             optional=True,
-            minValue=0.0,
-            maxValue=1.0,
+            minValue=0.001,  # 0 and 1 would mark every pixel road, or none
+            maxValue=0.999,
         )
         self.addParameter(threshold)
         self.addParameter(advanced(QgsProcessingParameterBoolean(
@@ -153,12 +154,12 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         bands = self.parameterAsInts(parameters, self.BANDS, context) or None
         threshold = None
         if parameters.get(self.THRESHOLD) not in (None, ""):
-            threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)
-            if not 0.0 < threshold < 1.0:
-                raise QgsProcessingException(f"The threshold must be between 0 and 1 (exclusive), not {threshold:g}")
+            threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)  # in range: Processing checks
         self._tta = self.parameterAsBoolean(parameters, self.TTA, context)
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        mask_output = self.parameterAsOutputLayer(parameters, self.MASK, context) if parameters.get(self.MASK) else ""
+        mask_output = ""
+        if _given(parameters, self.MASK):
+            mask_output = self.parameterAsOutputLayer(parameters, self.MASK, context)
         outputs = {self.OUTPUT: output, **({self.MASK: mask_output} if mask_output else {})}
         problem = _output_problem(outputs, describe(layer).path)
         if problem:
@@ -276,6 +277,15 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
                 _STYLERS.append(styler)
                 context.layerToLoadOnCompletionDetails(layer_id).setPostProcessor(styler)
         return {}
+
+
+def _given(parameters: dict, name: str) -> bool:
+    """Whether an optional output was asked for: batch mode passes an empty definition for "skip", and
+    reading it as an output would queue an empty layer to load."""
+    value = parameters.get(name)
+    if isinstance(value, QgsProcessingOutputLayerDefinition):
+        value = value.sink.staticValue()
+    return bool(value)
 
 
 def _same_file(a: str, b: str) -> bool:

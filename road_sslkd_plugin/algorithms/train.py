@@ -26,7 +26,7 @@ from qgis.core import (
 )
 
 from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_MAP_LAYER, SOURCE_RASTER
-from ..core.layers import DEFAULT_BANDS, describe, parse_bands
+from ..core.layers import DEFAULT_BANDS, describe, new_run_dir, parse_bands
 from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
 from ..core.results import RunFolder
 from .base import RoadAlgorithm, advanced
@@ -95,6 +95,8 @@ class TrainAlgorithm(RoadAlgorithm):
     MODEL = "MODEL"
     REPORT = "REPORT"
     METRICS = "METRICS"
+    TEST_IMAGES = "TEST_IMAGES"
+    TEST_LABELS = "TEST_LABELS"
 
     def name(self) -> str:
         return "train"
@@ -112,15 +114,19 @@ class TrainAlgorithm(RoadAlgorithm):
             "vector layer of road lines/polygons per image. <b>Label width</b> buffers road lines "
             "without a width field (in the image CRS's map units, metres for a geographic CRS).<br>"
             "<b>Preset</b>: tiny (a few minutes, for trying it out), cpu (a 2-core machine), gpu (the paper's "
-            "networks).<br>"
+            "networks); in scripts and qgis_process PRESET=0, 1 or 2, and DEVICE=0 (auto), 1 (cpu) or 2 (cuda)."
+            "<br>"
             "<b>Encoder weights</b> (optional): imagenet (the cpu and gpu presets' choice: downloaded, or "
             "from the local cache), none, pretrain (learnt first from the labelled and unlabelled rasters "
             "themselves, self-supervised: better than none where imagenet cannot be downloaded, and longer), "
             "a weights file, or a folder with one file per encoder (resnet34.pth, mobilenet_v2.pth...).<br>"
             "<b>Advanced</b>: random seed, bands, device (cuda for a GPU) and a JSON settings file "
             "overriding any preset setting (README, 'The command line').<br>"
-            "<b>Run folder</b> must be new or empty, and not a temporary folder (QGIS deletes those when it "
-            "closes). Cancel stops the backend after a checkpoint: "
+            "<b>Test images</b> and <b>Test labels</b> (optional, paired in order, never trained on) give the "
+            "report and METRICS their IoU; without them the INT8 check uses the training rasters.<br>"
+            "<b>Run folder</b> must be new or empty. Left temporary (the dialog's default, or a model's "
+            "intermediate), the run goes to road_sslkd_runs next to the project (else in the home folder) "
+            "instead: QGIS deletes temporary folders when it closes. Cancel stops the backend after a checkpoint: "
             "continue with <tt>road-sslkd train --resume FOLDER</tt>.<br>"
             "Needs the backend (dock: Set up backend)."
         )
@@ -139,6 +145,10 @@ class TrainAlgorithm(RoadAlgorithm):
                 self.UNLABELLED, "Unlabelled images", SOURCE_RASTER, optional=True
             )
         )
+        for name, label in ((self.TEST_IMAGES, "Test images (optional)"),
+                            (self.TEST_LABELS, "Test labels (same order)")):
+            self.addParameter(QgsProcessingParameterMultipleLayers(
+                name, label, SOURCE_RASTER if name == self.TEST_IMAGES else SOURCE_MAP_LAYER, optional=True))
         self.addParameter(QgsProcessingParameterEnum(self.PRESET, "Preset", list(PRESETS), defaultValue=1))
         self.addParameter(
             QgsProcessingParameterNumber(
@@ -176,34 +186,39 @@ class TrainAlgorithm(RoadAlgorithm):
         self.addOutput(QgsProcessingOutputFile(self.REPORT, "Report (Markdown)"))
         self.addOutput(QgsProcessingOutputString(self.METRICS, "Metrics (JSON)"))
 
+    def _pairs(self, parameters: dict, images: str, labels: str, what: str,
+               context: QgsProcessingContext) -> list[tuple[Any, Any]]:
+        """The image and label layers of two list parameters, paired in order."""
+        found = [self.parameterAsLayerList(parameters, name, context) for name in (images, labels)]
+        if len(found[0]) != len(found[1]):
+            raise QgsProcessingException(f"{len(found[0])} {what} images but {len(found[1])} labels: give one label "
+                                         "layer per image, same order")
+        return list(zip(*found))
+
     def processAlgorithm(
         self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback
     ) -> dict:  # noqa: N802
         from ..core.cli import run_backend
 
-        images = self.parameterAsLayerList(parameters, self.IMAGES, context)
-        labels = self.parameterAsLayerList(parameters, self.LABELS, context)
-        if len(images) != len(labels):
-            raise QgsProcessingException(
-                f"{len(images)} labelled images but {len(labels)} labels: give one label layer per image, same order"
-            )
+        labelled = self._pairs(parameters, self.IMAGES, self.LABELS, "labelled", context)
+        test = self._pairs(parameters, self.TEST_IMAGES, self.TEST_LABELS, "test", context)
+        images = [image for image, _ in labelled]
         unlabelled = self.parameterAsLayerList(parameters, self.UNLABELLED, context)
         bands = self.parameterAsString(parameters, self.BANDS, context).strip()
         problem = _band_problem(bands, images + unlabelled)
         if problem:
             raise QgsProcessingException(problem)
-        run_dir = self.parameterAsFileOutput(parameters, self.OUTPUT_FOLDER, context)
-        # Refused rather than given a persistent default: a folder destination's default is one fixed path,
-        # while every run needs a new, empty folder (and scripts pass OUTPUT_FOLDER as the run folder itself).
-        if _temporary(run_dir):
-            raise QgsProcessingException(
-                f"The run folder {run_dir} is temporary: QGIS deletes it when it closes, with the trained models. "
-                "Choose a folder for OUTPUT_FOLDER (Run folder) instead of a temporary one")
+        run_dir = os.path.abspath(self.parameterAsFileOutput(parameters, self.OUTPUT_FOLDER, context))
+        if _temporary(run_dir):  # QGIS would delete the run, models included, when it closes
+            run_dir = new_run_dir()
+            feedback.pushWarning(f"The run folder was a temporary one, which QGIS deletes when it closes: the run "
+                                 f"is kept in {run_dir} instead (choose a Run folder to decide where)")
         if os.path.isdir(run_dir) and any(os.scandir(run_dir)):
             raise QgsProcessingException(f"The run folder {run_dir} is not empty: choose a new folder")
         request = TrainRequest(
             run_dir=run_dir,
-            labelled=[(_file_path(i), _file_path(label)) for i, label in zip(images, labels)],
+            labelled=[(_file_path(i), _file_path(label)) for i, label in labelled],
+            test=[(_file_path(i), _file_path(label)) for i, label in test],
             unlabelled=[_file_path(layer) for layer in unlabelled],
             preset=PRESETS[self.parameterAsEnum(parameters, self.PRESET, context)],
             label_width=self.parameterAsDouble(parameters, self.LABEL_WIDTH, context)

@@ -8,6 +8,7 @@ unsaved edits) are written to GeoPackage. Everything here runs on the main threa
 
 from __future__ import annotations
 
+import datetime
 import functools
 import math
 import operator
@@ -36,6 +37,7 @@ from qgis.core import (
 )
 
 from ..compat import DISTANCE_METERS, qgis_enum
+from . import settings
 from .protocol import TrainRequest
 from .results import RunFolder
 
@@ -438,6 +440,25 @@ def check_plan(plan: RunPlan) -> list[str]:
     if plan.config and not os.path.isfile(plan.config):
         problems.append(f"The config file '{plan.config}' does not exist.")
     return problems
+
+
+def default_run_name() -> str:
+    return datetime.datetime.now().strftime("run-%Y%m%d-%H%M")
+
+
+def default_output_folder() -> str:
+    """``road_sslkd_runs`` next to the project file, else the user's last choice, else in the home folder."""
+    project_dir = QgsProject.instance().absolutePath()
+    if project_dir:
+        return os.path.join(project_dir, "road_sslkd_runs")
+    fallback = os.path.join(os.path.expanduser("~"), "road_sslkd_runs")
+    return str(settings.user_value("output_folder", fallback) or fallback)
+
+
+def new_run_dir() -> str:
+    """A new run folder in the default place (the dock's, for runs started elsewhere)."""
+    folder = default_output_folder()
+    return os.path.join(folder, free_run_name(folder, default_run_name()))
 
 
 def free_run_name(output_folder: str, base: str) -> str:

@@ -6,7 +6,6 @@ search and set-up in core.backend, remembered values in core.settings.
 
 from __future__ import annotations
 
-import datetime
 import os
 import shlex
 import time
@@ -65,6 +64,8 @@ from ..core.layers import (
     RunPlan,
     WebExtent,
     check_plan,
+    default_output_folder,
+    default_run_name,
     describe,
     free_run_name,
     image_layers,
@@ -104,19 +105,6 @@ PRESET_HELP = {
     "gpu": "The paper's teachers (DeepLabV3+ ResNet-101, VGG-16 encoder-decoder): needs a CUDA GPU.",
 }
 TAB_DATA, TAB_TRAINING, TAB_RUN, TAB_RESULTS = range(4)
-
-
-def default_run_name() -> str:
-    return datetime.datetime.now().strftime("run-%Y%m%d-%H%M")
-
-
-def default_output_folder() -> str:
-    """``road_sslkd_runs`` next to the project file, else the user's last choice, else in the home folder."""
-    project_dir = QgsProject.instance().absolutePath()
-    if project_dir:
-        return os.path.join(project_dir, "road_sslkd_runs")
-    fallback = os.path.join(os.path.expanduser("~"), "road_sslkd_runs")
-    return str(settings.user_value("output_folder", fallback) or fallback)
 
 
 def absolute_folder(folder: str) -> str:

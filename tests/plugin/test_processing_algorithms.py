@@ -15,8 +15,10 @@ import pytest
 from osgeo import gdal, ogr, osr
 from qgis.core import (
     QgsApplication,
+    QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingOutputLayerDefinition,
     QgsProcessingParameterDefinition,
     QgsProject,
     QgsRasterLayer,
@@ -24,6 +26,7 @@ from qgis.core import (
 from segment_data import BACKEND_PYTHON, expected_probability, make_model, make_raster
 
 from conftest import REPO, needs_backend
+from road_sslkd_plugin.core import settings
 from road_sslkd_plugin.provider import RoadSSLKDProvider
 
 pytestmark = needs_backend  # the test models are written with the backend venv's onnx package
@@ -174,7 +177,7 @@ def test_backend_path_streams_a_whole_file_past_the_copy_limit(processing, data,
         ("classifier", "is not a segmentation model"),
         ("one_band", "has 1 band, the model needs 3"),
         ("outside", "does not overlap the layer"),
-        ("threshold", "threshold must be between 0 and 1"),
+        ("threshold", "Incorrect parameter value for THRESHOLD"),  # Processing's own range check (0.001-0.999)
         ("missing", "model file not found"),
     ],
 )
@@ -194,6 +197,18 @@ def test_segment_roads_bad_inputs_fail_clearly_and_write_nothing(processing, dat
     with pytest.raises(QgsProcessingException, match=message):
         processing.run("road_sslkd:segment_roads", params)
     assert list(tmp_path.iterdir()) == []  # no half-written output
+
+
+def test_an_empty_mask_in_batch_mode_means_no_mask(processing, data, tmp_path):
+    """The batch panel passes an unfilled optional output as an empty definition tied to the project."""
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    out = tmp_path / "p.tif"
+    processing.run("road_sslkd:segment_roads", {
+        "INPUT": str(data["raster"]), "MODEL": str(data["model"]), "OUTPUT": str(out),
+        "MASK": QgsProcessingOutputLayerDefinition("", QgsProject.instance())}, context=context)
+    assert out.is_file() and "" not in context.layersToLoadOnCompletion()
+    assert [p.name for p in tmp_path.iterdir()] == ["p.tif"]
 
 
 def test_output_dialogs_offer_geotiff_only(processing):
@@ -315,6 +330,8 @@ def test_algorithms_have_help_and_icons(processing):
         algorithm = registry.algorithmById(algorithm_id)
         assert algorithm is not None, algorithm_id
         assert len(algorithm.shortHelpString()) > 100 and not algorithm.icon().isNull()
+        assert Path(algorithm.svgIconPath()).name == "icon.svg"  # what the graphical modeler draws
+        assert "roads" in algorithm.tags() and "onnx" in algorithm.tags()  # found by the toolbox's search
     train = registry.algorithmById("road_sslkd:train")
     advanced = {p.name() for p in train.parameterDefinitions()
                 if int(p.flags()) & int(QgsProcessingParameterDefinition.Flag.FlagAdvanced)}
@@ -420,12 +437,24 @@ def test_train_checks_its_inputs(processing, data, tmp_path):
             {"LABELLED_IMAGES": [str(data["raster"])], "LABELS": [str(data["one_band"])], "PRESET": 0,
              "OUTPUT_FOLDER": str(tmp_path / "used")},
         )  # fmt: skip
-    # The GUI's default for a folder destination: QGIS would delete the run, models included, on exit.
-    with pytest.raises(QgsProcessingException, match="is temporary: QGIS deletes it when it closes.*OUTPUT_FOLDER"):
+    # The GUI's default for a folder destination (and a model's intermediate): QGIS would delete the run,
+    # models included, on exit, so it goes to the dock's default place. (Missing weights then stop it early.)
+    settings.set_user_value("output_folder", str(tmp_path / "runs"))
+    feedback = Feedback()
+    with pytest.raises(QgsProcessingException, match="weights file or folder not found"):
         processing.run(
             "road_sslkd:train",
             {"LABELLED_IMAGES": [str(data["raster"])], "LABELS": [str(data["one_band"])], "PRESET": 0,
-             "OUTPUT_FOLDER": "TEMPORARY_OUTPUT"},
+             "ENCODER_WEIGHTS": str(tmp_path / "no-weights"), "OUTPUT_FOLDER": "TEMPORARY_OUTPUT"},
+            feedback=feedback,
+        )  # fmt: skip
+    assert any(f"the run is kept in {tmp_path / 'runs' / 'run-'}" in w for w in feedback.warnings), feedback.warnings
+    # Test pairs are checked like the labelled ones.
+    with pytest.raises(QgsProcessingException, match="1 test images but 0 labels"):
+        processing.run(
+            "road_sslkd:train",
+            {"LABELLED_IMAGES": [str(data["raster"])], "LABELS": [str(data["one_band"])], "PRESET": 0,
+             "TEST_IMAGES": [str(data["raster"])], "OUTPUT_FOLDER": str(tmp_path / "run")},
         )  # fmt: skip
     # Bands the images lack, said in Processing's words before the backend starts.
     for images, bands, message in (([data["one_band"]], "", "gray has 1 band but an empty BANDS reads bands 1,2,3"),
@@ -456,22 +485,27 @@ def test_train_runs_the_backend_and_returns_the_student(processing, demo_dir, tm
     run_dir = tmp_path / "run"
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"val_every": 2}))
+    test = split["test"][0]
     result = processing.run(
         "road_sslkd:train",
         {"LABELLED_IMAGES": images, "LABELS": labels, "UNLABELLED": [str(demo_dir / p) for p in split["unlabelled"]],
+         "TEST_IMAGES": [str(demo_dir / test["image"])], "TEST_LABELS": [str(demo_dir / test["mask"])],
          "PRESET": 0, "STEPS_SCALE": 0.3, "SEED": 7, "BANDS": "1,2,3", "DEVICE": 1, "CONFIG": str(settings),
          "OUTPUT_FOLDER": str(run_dir)},
         feedback=feedback,
     )  # fmt: skip
-    config = json.loads((run_dir / "config.json").read_text())["config"]
+    stored = json.loads((run_dir / "config.json").read_text())
+    config = stored["config"]
     assert (config["seed"], config["bands"], config["val_every"]) == (7, [1, 2, 3], 2)  # the advanced parameters
+    assert [pair["image"] for pair in stored["dataset"]["test"]] == [str(demo_dir / test["image"])]
     assert Path(result["MODEL"]).is_file() and result["MODEL"].endswith(".onnx")
     assert Path(result["REPORT"]).is_file()
     assert "student_sslkd" in json.loads(result["METRICS"]).get("models", json.loads(result["METRICS"]))
     assert progress and max(progress) > 50
 
-    # road_sslkd:evaluate on the same run, with the test pair given as layers.
-    test = split["test"][0]
+    # road_sslkd:evaluate on the same run: its own test split, and the test pair given as layers.
+    own = json.loads(processing.run("road_sslkd:evaluate", {"RUN": str(run_dir), "MODELS": "student_sslkd"})["METRICS"])
+    assert 0.0 <= own["student_sslkd"]["iou"] <= 1.0
     evaluated = processing.run(
         "road_sslkd:evaluate",
         {"RUN": str(run_dir), "TEST_IMAGES": [str(demo_dir / test["image"])],
@@ -479,7 +513,9 @@ def test_train_runs_the_backend_and_returns_the_student(processing, demo_dir, tm
     )  # fmt: skip
     metrics = json.loads(evaluated["METRICS"])
     assert set(metrics) == {"student_sslkd"} and 0.0 <= metrics["student_sslkd"]["iou"] <= 1.0
-    # The run was trained without test images: evaluate asks for them by their parameter names.
+    # A run trained without test images: evaluate asks for them by their parameter names.
+    stored["dataset"]["test"] = []
+    (run_dir / "config.json").write_text(json.dumps(stored))
     with pytest.raises(QgsProcessingException, match="trained without test images: give TEST_IMAGES and TEST_MASKS"):
         processing.run("road_sslkd:evaluate", {"RUN": str(run_dir)})
     with pytest.raises(QgsProcessingException, match="not a Road SSLKD run folder"):
