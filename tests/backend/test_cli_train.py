@@ -57,7 +57,8 @@ def test_train_tiny_writes_verified_student(tiny_run):
     model = RunDir.open(run).load_model("student_sslkd").eval()
     session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["model_type"] == "Segmentor"
+    decoded = {key: json.loads(value) for key, value in meta.items()}  # as Deepness reads each key
+    assert decoded["model_type"] == "Segmentor" and decoded["class_names"] == {"0": "road"}
     assert json.loads(meta["tile_size"]) == json.loads(meta["tiles_size"]) == 64
     assert len(json.loads(meta["standardization_mean"])) == 3
     x = np.random.default_rng(0).standard_normal((2, 3, 96, 128)).astype(np.float32)
@@ -79,7 +80,7 @@ def test_evaluate_and_export_commands(tiny_run, tiny_dataset, run_main, tmp_path
     code, events = run_main("export", str(run), "--model", "teacher_a_ssl", "--out", str(target))
     assert code == 0 and target.is_file()
     meta = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    assert meta["road_sslkd_model"] == "teacher_a_ssl"
+    assert json.loads(meta["road_sslkd_model"]) == "teacher_a_ssl"
     code, events = run_main("export", str(run), "--model", "teacher_a_ssl", "--out", str(target))
     assert code == 2 and "--overwrite" in errors(events)[0]["hint"]
 
@@ -250,7 +251,7 @@ def test_a_baseline_added_later_leaves_the_runs_student(tiny_run, run_main, tmp_
     # finished stages are skipped before they are built, so their teachers' outputs are not cached again
     assert not (run / "targets").exists()
     session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
-    assert session.get_modelmeta().custom_metadata_map["road_sslkd_model"] == "student_sslkd"
+    assert json.loads(session.get_modelmeta().custom_metadata_map["road_sslkd_model"]) == "student_sslkd"
     # the device given on resume stays the run's: the dock's Resume passes none
     assert RunDir.open(run).config.device == "cpu"
     code, events = run_main("train", "--resume", str(run))
@@ -401,7 +402,7 @@ def test_int8_export_is_kept_only_within_one_iou_point(tiny_run, run_main, tmp_p
     assert bool(discarded) == (not kept)
     if kept:
         session = ort.InferenceSession(str(tmp_path / "student.int8.onnx"), providers=["CPUExecutionProvider"])
-        assert session.get_modelmeta().custom_metadata_map["road_sslkd_quantized"].startswith("int8")
+        assert json.loads(session.get_modelmeta().custom_metadata_map["road_sslkd_quantized"]).startswith("int8")
 
 
 def test_int8_export_calibrates_on_rasters_whose_sides_are_not_multiples_of_32(tiny_run, run_main, tmp_path):

@@ -208,7 +208,7 @@ def test_int8_copy_keeps_metadata_and_predictions(tmp_path, ours):
     int8 = load_model(int8_path, "cpu")
     assert int8.info == ours.info and not int8.warnings
     meta = int8.session.get_modelmeta().custom_metadata_map
-    assert meta["road_sslkd_quantized"].startswith("int8")
+    assert json.loads(meta["road_sslkd_quantized"]).startswith("int8")
     image = ours.info.normalise(next(synthetic_tiles(3, count=1, size=64, seed=3)))[None]
     assert np.abs(int8.infer(image) - ours.infer(image)).mean() < 0.02
 

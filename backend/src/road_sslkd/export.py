@@ -39,7 +39,8 @@ class _Probabilities(nn.Module):
 def onnx_metadata(model: SegModel, mean: list[float], std: list[float], tile: int, overlap_percent: int,
                   resolution_cm: Optional[float], extra: Optional[dict[str, Any]] = None,
                   threshold: float = 0.5) -> dict[str, str]:
-    """Deepness-compatible keys plus our provenance keys (all values strings, JSON where structured)."""
+    """Deepness-compatible keys plus our provenance keys, every value JSON text: Deepness json.loads each key
+    it reads, plain strings such as ``model_type`` included."""
     meta: dict[str, Any] = {
         "model_type": "Segmentor",
         "class_names": {"0": "road"},
@@ -57,7 +58,7 @@ def onnx_metadata(model: SegModel, mean: list[float], std: list[float], tile: in
     if resolution_cm is not None:
         meta["resolution"] = resolution_cm
     meta.update(extra or {})
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return {k: json.dumps(v) for k, v in meta.items()}
 
 
 def export_onnx(model: SegModel, path: Path, metadata: dict[str, str], overwrite: bool = False,

@@ -12,6 +12,7 @@ imagery where possible, and keep the INT8 model only if its IoU on the benchmark
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -81,7 +82,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Optional[Iterable[np.ndarra
         del proto.metadata_props[:]
         for entry in onnx.load(str(src), load_external_data=False).metadata_props:
             proto.metadata_props.add(key=entry.key, value=entry.value)
-        proto.metadata_props.add(key="road_sslkd_quantized", value="int8 static QDQ, per-channel weights")
+        proto.metadata_props.add(key="road_sslkd_quantized", value=json.dumps("int8 static QDQ, per-channel weights"))
         onnx.save(proto, str(quantised))
         os.replace(quantised, dst)
     return Path(dst)
