@@ -10,6 +10,7 @@ from rasterio.transform import Affine
 from conftest import GRID, errors, road_mask, write_raster
 from road_sslkd.config import make_config
 from road_sslkd.data import DatasetSpec
+from road_sslkd.events import UserError
 from road_sslkd.runs import RunDir
 
 
@@ -242,3 +243,16 @@ def test_dataset_folder_without_split(run_main, tmp_path, tiny_dataset):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset / "images", data / "images")
     _fails(run_main, tmp_path, "--data", str(data), needle="split.json")
+
+
+def test_a_failed_write_leaves_no_partial_file_and_says_why(tmp_path):
+    """torch.save reports a full disk as a RuntimeError: the run stops with a user error, the partial file goes."""
+    from road_sslkd.runs import _atomic_write
+
+    def full_disk(tmp):
+        tmp.write_bytes(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    with pytest.raises(UserError, match=r"cannot write .*teacher_a\.pt \(\d+ MB free there\)"):
+        _atomic_write(tmp_path / "teacher_a.pt", full_disk)
+    assert list(tmp_path.iterdir()) == []

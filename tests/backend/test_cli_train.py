@@ -84,6 +84,17 @@ def test_evaluate_and_export_commands(tiny_run, tiny_dataset, run_main, tmp_path
     code, events = run_main("export", str(run), "--model", "teacher_a_ssl", "--out", str(target))
     assert code == 2 and "--overwrite" in errors(events)[0]["hint"]
 
+    # A run whose data moved (or stayed on another machine) still exports, saying what the model lacks.
+    moved = tmp_path / "moved_run"
+    shutil.copytree(run, moved, copy_function=os.link)
+    stored_run = json.loads((moved / "config.json").read_text())
+    stored_run["dataset"]["labelled"][0]["image"] = str(tmp_path / "gone.tif")
+    (moved / "config.json").unlink()  # a hard link to the source run's: written anew, not through it
+    (moved / "config.json").write_text(json.dumps(stored_run))
+    code, events = run_main("export", str(moved), "--out", str(tmp_path / "moved.onnx"))
+    assert code == 0 and (tmp_path / "moved.onnx").is_file()
+    assert any("gone.tif is not there" in e["message"] for e in events if e["event"] == "warning")
+
 
 def test_evaluate_tta_scores_the_mean_over_the_eight_views(tiny_run, run_main, tmp_path):
     """`evaluate --tta`: a mirrored raster gets the mirrored probabilities, which a network alone does not give."""

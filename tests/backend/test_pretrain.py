@@ -60,6 +60,15 @@ def test_pretrained_encoders_feed_training(run_main, tmp_path, tiny_dataset):
     assert not [e for e in events if e["event"] == "warning" and "not in the file" in e.get("message", "")]
 
 
+def test_pretrain_never_replaces_weights_it_did_not_write(run_main, tmp_path, tiny_dataset):
+    out = tmp_path / "weights"
+    out.mkdir()
+    (out / "resnet18.pth").write_bytes(b"mine")
+    code, events = run_main("pretrain", "--data", str(tiny_dataset), "--preset", "tiny", "--out", str(out))
+    assert code == 2 and "is not one of this pretraining's encoders" in errors(events)[0]["message"]
+    assert (out / "resnet18.pth").read_bytes() == b"mine"
+
+
 def test_train_pretrains_its_own_encoders_first(run_main, tmp_path, tiny_dataset):
     run, config = tmp_path / "run", tmp_path / "holdout.json"
     config.write_text(json.dumps({"holdout": 1}))

@@ -121,11 +121,15 @@ def export_run_model(run: Any, name: str, path: Path, overwrite: bool = False,
     cfg = run.config
     model = run.load_model(name)
     resolution, dtype = None, None
-    if run.dataset.labelled:  # the first training raster stands for all: resolution and data type
-        with rasterio.open(run.dataset.labelled[0].image) as ds:
+    first = run.dataset.labelled[0].image if run.dataset.labelled else None
+    if first is not None and first.exists():  # the first training raster stands for all: resolution, data type
+        with rasterio.open(first) as ds:
             ground = ground_resolution_m(ds)
             dtype = ds.dtypes[cfg.bands[0] - 1]
         resolution = None if ground is None else round(100 * ground[0], 3)
+    elif first is not None:  # the data moved or stayed on another machine: the model is still usable
+        events.warning(f"{first} is not there: the model records no ground resolution or data type, so "
+                       "segmentation reads rasters at their own resolution and cannot warn about their type")
     summary = {
         "labelled": len(run.dataset.labelled), "unlabelled": len(run.dataset.unlabelled),
         "teachers": [cfg.teacher_a, cfg.teacher_b], "preset": cfg.preset, "bands": cfg.bands,

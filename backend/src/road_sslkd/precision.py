@@ -82,7 +82,8 @@ def amp_dtype(device: torch.device, enabled: bool = True) -> Optional[torch.dtyp
     if not enabled:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bfloat16 (T4, V100) is slow: those cards train in float16 with a gradient scaler.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and cpu_bf16_pays():
         return torch.bfloat16
     return None

@@ -126,6 +126,10 @@ def pretrain(spec: DatasetSpec, cfg: Config, out: Path, command: str = "") -> di
         raise UserError(f"{out} holds encoders pretrained with other settings or imagery",
                         "pass another folder, or delete that one")
     record = record or {"command": command, "settings": settings, "encoders": {}}
+    foreign = [out / f"{e}.pth" for e in encoders(cfg) if (out / f"{e}.pth").exists() and e not in record["encoders"]]
+    if foreign:  # weights this command did not write (a user's own, say): never replaced
+        raise UserError(f"{foreign[0]} exists and is not one of this pretraining's encoders (see pretrain.json)",
+                        "choose another --out, or move that file away")
     rasters = [Raster(p, cfg.bands) for p in paths]
     for raster in rasters:
         check_raster(raster)

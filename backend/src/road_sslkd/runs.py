@@ -45,8 +45,14 @@ def _atomic_write(path: Path, write: Any) -> None:
     if not distributed.is_main():
         return  # rank 0 writes the run folder of a distributed run: every rank holds the same state
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)  # a half-written file would only fill the disk further
+        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else 0.0
+        raise UserError(f"cannot write {path} ({free:.0f} MB free there): {exc}",
+                        "free some disk space or make the run folder writable, then resume the run") from exc
 
 
 class RunDir:

@@ -36,6 +36,7 @@ from .engine import dihedral, pad_to
 from .evaluate import predict_raster, torch_infer
 from .models import SegModel
 from .precision import amp_dtype, autocast
+from .runs import stop_requested
 from .trainer import Context
 
 WHOLE_RASTER_PX = 1024  # rasters up to this side are predicted in one tile: no blending, least padding
@@ -58,6 +59,7 @@ def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster], tta: bool
         infer = torch_infer(model, ctx.device, _dtype(ctx))
         infer = dihedral(infer) if tta else infer
         for done, i in enumerate(missing):
+            _stop_if_asked(f"targets {model_name}")
             if done % 10 == 0:
                 events.progress(f"targets {model_name}", done, len(missing))
             tile, overlap = _window(rasters[i], ctx.config.tile, ctx.config.overlap)
@@ -65,6 +67,12 @@ def teacher_maps(ctx: Context, model_name: str, rasters: list[Raster], tta: bool
             _save(paths[i], _uint8(prob, valid))
         events.progress(f"targets {model_name}", len(missing), len(missing))
     return [np.load(p, mmap_mode="r") for p in paths]
+
+
+def _stop_if_asked(what: str) -> None:
+    """Cancel between rasters: caching a large pool takes minutes, and the maps written so far are kept."""
+    if stop_requested():
+        raise events.Cancelled(f"stopped while caching {what}; the rasters done so far are kept")
 
 
 def _uint8(prob: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -90,6 +98,7 @@ def teacher_features(ctx: Context, model_name: str, rasters: list[Raster],
                 f"the teachers' feature cache needs {need / 1e9:.1f} GB and {folder} has {free / 1e9:.1f} GB free",
                 "free disk space, or train without feature distillation (setting w_feat 0)")
         for done, i in enumerate(missing):
+            _stop_if_asked(f"features {model_name}")
             if done % 10 == 0:
                 events.progress(f"features {model_name}", done, len(missing))
             _save(paths[i], _raster_features(model, rasters[i], ctx, channels, stride, layer))

@@ -148,7 +148,8 @@ def run_stage(stage: Stage, ctx: Context) -> None:
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         optimiser.load_state_dict(state["optimiser"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty where the checkpoint was made without float16 (CPU, bfloat16)
+            scaler.load_state_dict(state["scaler"])
         rngs = state.get("rank_rngs") or [state]  # per rank when a distributed run saved it
         if distributed.rank() < len(rngs):  # else this rank is new and keeps its own fresh streams
             rng = rngs[distributed.rank()]
