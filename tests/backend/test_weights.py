@@ -111,3 +111,16 @@ def test_file_that_fits_no_model_fails_before_any_stage(run_main, tmp_path, tiny
     (error,) = errors(events)
     assert "tiny-student" in error["message"] and "folder" in error["hint"]
     assert not out.exists(), "a failed start must not leave a run folder"
+
+
+def test_weights_of_another_network_are_refused_or_named(tmp_path, capsys):
+    """A whole model of another architecture shares a few head names at most: refused, not loaded in part.
+    A deeper sibling's encoder (resnet34 as resnet18) fits every tensor: loaded, with a warning."""
+    whole = build_model("tiny-unet", weights="none")
+    torch.save({f"net.{k}": v for k, v in whole.net.state_dict().items()}, tmp_path / "unet.pt")
+    with pytest.raises(UserError, match="saved from another network"):
+        build_model("tiny-student", weights=str(tmp_path / "unet.pt"))
+    torch.save(_encoder_state("unet-resnet34", seed=2), tmp_path / "resnet18.pth")
+    build_model("tiny-unet", weights=str(tmp_path / "resnet18.pth"))
+    warnings = [json.loads(line)["message"] for line in capsys.readouterr().out.splitlines() if '"warning"' in line]
+    assert any("is it for a deeper network" in w for w in warnings), warnings

@@ -243,9 +243,18 @@ def _load_state(model: SegModel, state: dict[str, torch.Tensor], path: Path, who
         target.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # tensors with the right names and the wrong shapes
         raise UserError(f"{path.name} does not fit {model.name}: {str(exc).splitlines()[-1].strip()}", hint) from exc
-    missing = {k for k in expected - set(state) if not k.endswith("num_batches_tracked")}  # older torch files
+    expected = {k for k in expected if not k.endswith("num_batches_tracked")}  # older torch files lack them
+    missing = expected - set(state)
+    if len(missing) > len(expected) / 2:  # a few names in common: the file is for another network
+        raise UserError(f"{path.name} holds only {len(expected) - len(missing)} of the {len(expected)} tensors "
+                        f"of {model.name}{'' if whole else ' encoder'}: it was saved from another network", hint)
     if missing:
         events.warning(f"{path.name}: {len(missing)} tensors of {model.name} not in the file")
+    # Classifier heads are dropped on purpose; other extra tensors mean a deeper sibling (resnet34 as resnet18).
+    extra = [k for k in set(state) - set(own) if not {"fc", "classifier", "head", "_fc"} & set(k.split("."))]
+    if extra:
+        events.warning(f"{path.name}: {len(extra)} of its tensors are not in {model.name} (e.g. {sorted(extra)[0]}): "
+                       "is it for a deeper network of the family?")
 
 
 def count_parameters(model: nn.Module) -> int:
