@@ -102,6 +102,18 @@ def test_missing_weights_path_is_a_user_error(tmp_path):
         build_model("tiny-unet", weights=str(tmp_path / "nope.pth"))
 
 
+def test_a_broken_file_in_a_weights_folder_fails_before_any_stage(run_main, tmp_path, tiny_dataset):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    torch.save(_encoder_state("tiny-unet", seed=4), folder / "resnet18.pth")  # the teachers': fine
+    (folder / "mobilenet_v2.pth").write_bytes(b"not a state dict")  # the student's: broken
+    out = tmp_path / "run"
+    code, events = run_main("train", "--preset", "tiny", "--data", str(tiny_dataset), "--out", str(out),
+                            "--weights", str(folder))
+    assert code == 2 and "mobilenet_v2.pth" in errors(events)[0]["message"]
+    assert not out.exists(), "checked before the teachers train, not when the student's stage starts"
+
+
 def test_file_that_fits_no_model_fails_before_any_stage(run_main, tmp_path, tiny_dataset):
     torch.save(_encoder_state("tiny-unet", seed=4), tmp_path / "resnet18.pth")  # not the student's encoder
     out = tmp_path / "run"

@@ -28,7 +28,7 @@ from .data import DatasetSpec, LabelledSet
 from .distillation import DistillStage
 from .evaluate import evaluate_model, onnx_throughput
 from .export import export_int8, export_run_model
-from .models import build_model, count_parameters, gflops
+from .models import REGISTRY, build_model, count_parameters, gflops, weights_file
 from .plots import PRAccumulator
 from .runs import RunDir, install_stop_handlers, stop_requested
 from .targets import decision_threshold
@@ -143,15 +143,18 @@ def _pretrain_encoders(run: RunDir, command: str) -> None:
 
 
 def check_weights(cfg: Config) -> None:
-    """A weights file that does not fit a model of the run fails now, not after the stages before it."""
-    if cfg.weights in ("imagenet", "none", PRETRAIN) or Path(cfg.weights).is_dir():
-        return  # the hub, its cache and a folder fall back to random initialisation per model, with a warning
+    """A weights file (or a folder's file) that does not fit a model of the run fails now, not after the stages
+    before it."""
+    if cfg.weights in ("imagenet", "none", PRETRAIN):
+        return  # the hub and its cache fall back to random initialisation per model, with a warning
     archs = {arch for stage, arch in (("teacher_a", cfg.teacher_a), ("teacher_b", cfg.teacher_b))
              if stage in cfg.stages}
     if any(stage.startswith("student") for stage in cfg.stages):
         archs.add(cfg.student)
     for arch in sorted(archs):
-        build_model(arch, len(cfg.bands), cfg.weights)
+        # A folder without this model's file means random initialisation, said when the stage builds it.
+        if not Path(cfg.weights).is_dir() or weights_file(REGISTRY[arch].encoder, cfg.weights) is not None:
+            build_model(arch, len(cfg.bands), cfg.weights)
 
 
 def _described(run: RunDir, name: str, tested: bool) -> bool:
