@@ -1,7 +1,9 @@
 """Bad input: an `error` event naming the file and the fix, exit code 2, nothing written, nothing lost."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,6 +210,17 @@ def test_resume_checks_stages_before_saving_them(run_main, new_run):
     code, events = run_main("train", "--resume", str(new_run), "--stages", "teacher_a", "--device", "cpu")
     assert code == 0, errors(events)
     assert json.loads((new_run / "config.json").read_text())["config"]["stages"] == ["teacher_a"]
+
+
+def test_resume_after_an_image_changed_is_refused(run_main, tmp_path, tiny_dataset):
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    run = RunDir.create(tmp_path / "run", make_config("tiny"), DatasetSpec.from_split(data))
+    first, second = run.dataset.unlabelled[:2]
+    os.utime(first, (0, 0))  # a copy may lose the modification time: that is no change
+    RunDir.open(run.path).require_unchanged_images()
+    shutil.copyfile(second, first)  # new pixels under the old name: cached teacher maps would be stale
+    code, events = run_main("train", "--resume", str(run.path))
+    assert code == 2 and f"{first} changed since the run" in errors(events)[0]["message"]
 
 
 def test_out_that_is_a_file(run_main, tmp_path, tiny_dataset):

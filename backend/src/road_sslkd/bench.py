@@ -105,6 +105,7 @@ def run_bench(data: Path, cfg: Config, seeds: list[int], work: Path, device: str
             if other:
                 raise events.UserError(f"{path} holds a run with other {other}",
                                        f"delete {path} or pass another --work folder")
+            run.require_unchanged_images()
         else:
             run = RunDir.create(path, Config(**{**cfg.to_json(), "seed": seed}), spec)
         runs.append(run)

@@ -311,6 +311,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.resume:
         _refuse_ignored_flags(args)
         run = RunDir.open(args.resume)
+        run.require_unchanged_images()
         distributed.init(pick_device(args.device or run.config.device))  # under torchrun only
         check_weights(run.config)  # a weights file may have moved since the run started
         # What this start changes stays the run's: a later plain --resume keeps its stages and device.

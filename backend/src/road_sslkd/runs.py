@@ -6,6 +6,7 @@ trains, ``models/NAME.pt`` when it has finished, ``metrics.json``, ``report.md``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -55,12 +56,31 @@ def _atomic_write(path: Path, write: Any) -> None:
                         "free some disk space or make the run folder writable, then resume the run") from exc
 
 
+def fingerprint(path: Path, chunk: int = 1 << 16) -> str:
+    """Size and a hash of a file's first and last 64 KB: a changed raster is told from a copied one (a copy keeps
+    both, where it may not keep the modification time)."""
+    size = path.stat().st_size
+    digest = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        digest.update(handle.read(chunk))
+        handle.seek(max(0, size - chunk))
+        digest.update(handle.read(chunk))
+    return f"{size}:{digest.hexdigest()}"
+
+
+def _images(dataset: DatasetSpec) -> list[Path]:
+    """The rasters whose pixels a run caches (teacher outputs, normalisation): not the labels, read afresh."""
+    return [*(p.image for p in dataset.labelled), *dataset.unlabelled, *(p.image for p in dataset.test)]
+
+
 class RunDir:
-    def __init__(self, path: Path, config: Config, dataset: DatasetSpec, normalizer: Optional[Normalizer]) -> None:
+    def __init__(self, path: Path, config: Config, dataset: DatasetSpec, normalizer: Optional[Normalizer],
+                 fingerprints: Optional[dict[str, str]] = None) -> None:
         self.path = Path(path)
         self.config = config
         self.dataset = dataset
         self.normalizer = normalizer
+        self.fingerprints = fingerprints or {}  # image path -> fingerprint() when the run started
 
     # -- creation and resumption ---------------------------------------------------------------------------
     @classmethod
@@ -74,7 +94,8 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create run folder {path}: {exc}", "choose a writable folder") from exc
-        run = cls(path, config, dataset, None)
+        prints = {str(p.absolute()): fingerprint(p) for p in _images(dataset) if p.is_file()}
+        run = cls(path, config, dataset, None, prints)
         run.save()
         return run
 
@@ -87,7 +108,17 @@ class RunDir:
             raise UserError(f"{path} holds no run (config.json missing)", "give the folder of an earlier run") from exc
         normalizer = Normalizer(**data["normalizer"]) if data.get("normalizer") else None
         config = stored_config(data["config"], str(path / "config.json"))
-        return cls(path, config, DatasetSpec.from_json(data["dataset"]), normalizer)
+        return cls(path, config, DatasetSpec.from_json(data["dataset"]), normalizer, data.get("fingerprints"))
+
+    def require_unchanged_images(self) -> None:
+        """Stop a resume whose images changed since the run started: its cached teacher outputs and normalisation
+        describe the old pixels (runs of older versions record no fingerprints)."""
+        changed = [path for path, known in self.fingerprints.items()
+                   if Path(path).is_file() and fingerprint(Path(path)) != known]
+        if changed:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise UserError(f"{changed[0]} changed since the run in {self.path} started{more}",
+                            "restore the original file, or start a new run")
 
     def save(self) -> None:
         data = {
@@ -95,6 +126,7 @@ class RunDir:
             "config": self.config.to_json(),
             "dataset": self.dataset.to_json(),
             "normalizer": None if self.normalizer is None else vars(self.normalizer),
+            "fingerprints": self.fingerprints,
         }
         _atomic_write(self.path / "config.json", lambda p: p.write_text(json.dumps(data, indent=2)))
 
