@@ -47,7 +47,7 @@ $(BACKEND_STAMP): backend/pyproject.toml
 
 $(QGIS_STAMP): | qgis
 	test -x $(QPY) || $(QGIS_PYTHON) -m venv --system-site-packages $(QGIS_VENV)
-	$(QPY) -m pip install -q "numpy<2" onnxruntime-gpu pytest pytest-qgis
+	$(QPY) -m pip install -q "numpy<2" "onnxruntime-gpu>=1.17,<2" "pytest>=7,<10" "pytest-qgis>=5,<6"
 	@touch $@
 
 lint: $(BACKEND_STAMP)
