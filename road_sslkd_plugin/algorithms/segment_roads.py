@@ -33,7 +33,7 @@ from ..core import segment, settings
 from ..core.layers import describe, writable_folder_problem
 from .base import RoadAlgorithm, advanced
 
-MAX_PIXELS = 250_000_000  # whole rasters larger than this: `road-sslkd predict` streams them from disk
+MAX_PIXELS = 250_000_000  # read into memory at most (here, or copied for the backend); whole files stream
 GEOTIFF = (".tif", ".tiff")  # what both paths write, whatever name the output is given
 BACKEND_OPTIONS = {"--bands": "BANDS"}  # `road-sslkd predict` options in the backend's messages -> parameters
 
@@ -95,7 +95,8 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             "2 IoU points on the CIL 2016 benchmark.<br><br>"
             "Runs in QGIS when its Python has onnxruntime: the layer is read at the model's ground resolution and "
             "the outputs lie on that grid, aligned with the layer. Otherwise through the backend's "
-            "<tt>road-sslkd predict</tt>: the layer's pixels go to the backend at the layer's own resolution, "
+            "<tt>road-sslkd predict</tt>: the layer's file (segmented whole, of any size) or a copy of its "
+            f"EXTENT (up to {MAX_PIXELS / 1e6:g} Mpx) goes to the backend at the layer's own resolution, "
             "the backend resamples them to the model's resolution, and the outputs come back on the layer's own "
             "grid; without a Threshold the mask is then cut at 0.5 (the model's metadata needs onnxruntime to "
             "read)."
