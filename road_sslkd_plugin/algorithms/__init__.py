@@ -9,6 +9,6 @@ def all_algorithms() -> list[QgsProcessingAlgorithm]:
     """New instances of every algorithm the provider offers."""
     from .evaluate import EvaluateAlgorithm
     from .segment_roads import SegmentRoadsAlgorithm
-    from .train import TrainAlgorithm
+    from .train import ResumeTrainAlgorithm, TrainAlgorithm
 
-    return [SegmentRoadsAlgorithm(), TrainAlgorithm(), EvaluateAlgorithm()]
+    return [SegmentRoadsAlgorithm(), TrainAlgorithm(), ResumeTrainAlgorithm(), EvaluateAlgorithm()]

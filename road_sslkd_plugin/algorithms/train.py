@@ -1,8 +1,8 @@
 """``road_sslkd:train``: teachers, cross-model SSL and the SSLKD student through ``road-sslkd train``.
 
 Layers are passed to the backend as file paths (the backend reads rasters and vector labels itself);
-progress events drive the feedback bar, Cancel sends SIGTERM (the run stays resumable with
-``road-sslkd train --resume``).
+progress events drive the feedback bar, Cancel sends SIGTERM (the run stays resumable:
+``road_sslkd:resume_training``, ``road-sslkd train --resume``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingOutputFile,
+    QgsProcessingOutputFolder,
     QgsProcessingOutputString,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
@@ -25,9 +26,9 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
-from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_MAP_LAYER, SOURCE_RASTER
+from ..compat import FOLDER_ONLY, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_MAP_LAYER, SOURCE_RASTER
 from ..core.layers import DEFAULT_BANDS, describe, new_run_dir, parse_bands
-from ..core.protocol import PRESETS, TrainRequest, overall_fraction, stage_label
+from ..core.protocol import PRESETS, TrainRequest, overall_fraction, resume_args, stage_label
 from ..core.results import RunFolder
 from .base import RoadAlgorithm, advanced
 
@@ -45,6 +46,8 @@ def _file_path(layer: Any) -> str:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+# Outputs shared by train and resume_training.
+OUTPUT_FOLDER, MODEL, REPORT, METRICS = "OUTPUT_FOLDER", "MODEL", "REPORT", "METRICS"
 
 
 def _temporary(folder: str) -> bool:
@@ -91,10 +94,6 @@ class TrainAlgorithm(RoadAlgorithm):
     BANDS = "BANDS"
     DEVICE = "DEVICE"
     CONFIG = "CONFIG"
-    OUTPUT_FOLDER = "OUTPUT_FOLDER"
-    MODEL = "MODEL"
-    REPORT = "REPORT"
-    METRICS = "METRICS"
     TEST_IMAGES = "TEST_IMAGES"
     TEST_LABELS = "TEST_LABELS"
 
@@ -127,7 +126,7 @@ class TrainAlgorithm(RoadAlgorithm):
             "<b>Run folder</b> must be new or empty. Left temporary (the dialog's default, or a model's "
             "intermediate), the run goes to road_sslkd_runs next to the project (else in the home folder) "
             "instead: QGIS deletes temporary folders when it closes. Cancel stops the backend after a checkpoint: "
-            "continue with <tt>road-sslkd train --resume FOLDER</tt>.<br>"
+            "continue with <i>Resume SSLKD training</i>.<br>"
             "Needs the backend (dock: Set up backend)."
         )
 
@@ -181,10 +180,8 @@ class TrainAlgorithm(RoadAlgorithm):
                                        extension="json"),
         ):
             self.addParameter(advanced(parameter))
-        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT_FOLDER, "Run folder"))
-        self.addOutput(QgsProcessingOutputFile(self.MODEL, "Student model (ONNX)"))
-        self.addOutput(QgsProcessingOutputFile(self.REPORT, "Report (Markdown)"))
-        self.addOutput(QgsProcessingOutputString(self.METRICS, "Metrics (JSON)"))
+        self.addParameter(QgsProcessingParameterFolderDestination(OUTPUT_FOLDER, "Run folder"))
+        _add_run_outputs(self)
 
     def _pairs(self, parameters: dict, images: str, labels: str, what: str,
                context: QgsProcessingContext) -> list[tuple[Any, Any]]:
@@ -198,8 +195,6 @@ class TrainAlgorithm(RoadAlgorithm):
     def processAlgorithm(
         self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback
     ) -> dict:  # noqa: N802
-        from ..core.cli import run_backend
-
         labelled = self._pairs(parameters, self.IMAGES, self.LABELS, "labelled", context)
         test = self._pairs(parameters, self.TEST_IMAGES, self.TEST_LABELS, "test", context)
         images = [image for image, _ in labelled]
@@ -208,7 +203,7 @@ class TrainAlgorithm(RoadAlgorithm):
         problem = _band_problem(bands, images + unlabelled)
         if problem:
             raise QgsProcessingException(problem)
-        run_dir = os.path.abspath(self.parameterAsFileOutput(parameters, self.OUTPUT_FOLDER, context))
+        run_dir = os.path.abspath(self.parameterAsFileOutput(parameters, OUTPUT_FOLDER, context))
         if _temporary(run_dir):  # QGIS would delete the run, models included, when it closes
             run_dir = new_run_dir()
             feedback.pushWarning(f"The run folder was a temporary one, which QGIS deletes when it closes: the run "
@@ -230,47 +225,98 @@ class TrainAlgorithm(RoadAlgorithm):
             device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
             config=self.parameterAsFile(parameters, self.CONFIG, context) or None,
         )
-        last_stage = [""]
+        return _train(request.to_args(), run_dir, feedback)
 
-        def on_event(event: dict) -> None:
-            kind = event.get("event")
-            if kind == "progress":
-                stage = event.get("stage")
-                if stage != last_stage[0]:
-                    last_stage[0] = stage
-                    feedback.pushInfo(f"Stage: {stage_label(stage)}")
-                fraction = overall_fraction(stage, event.get("step") or 0, event.get("total") or 0)
-                if fraction is not None:
-                    feedback.setProgress(100.0 * fraction)
-            elif kind == "metric":
-                feedback.pushInfo(f"{event.get('stage', '')} {event.get('name')}: {event.get('value')}")
-            elif kind == "warning":
-                feedback.pushWarning(str(event.get("message", "")))
 
-        try:
-            result = run_backend(
-                request.to_args(), on_event, feedback.pushDebugInfo, feedback.isCanceled, run_dir=run_dir
-            )
-        except (RuntimeError, OSError) as exc:
-            raise QgsProcessingException(str(exc)) from exc
-        outcome = result.outcome
-        if not outcome.ok:
-            details = f" ({outcome.hint})" if outcome.hint else ""
-            if outcome.status == "cancelled":
-                feedback.reportError(f"Training cancelled; resume with: road-sslkd train --resume {run_dir}")
-                return {}
-            raise QgsProcessingException(f"{outcome.message}{details}\n{outcome.details()}")
-        model = RunFolder(run_dir).onnx or os.path.join(run_dir, "student.onnx")
-        report = os.path.join(run_dir, "report.md")
-        metrics_path = os.path.join(run_dir, "metrics.json")
-        metrics = ""
-        if os.path.isfile(metrics_path):
-            with open(metrics_path, encoding="utf-8") as handle:
-                metrics = handle.read()
-        feedback.pushInfo(f"Student model: {model}")
-        return {
-            self.OUTPUT_FOLDER: run_dir,
-            self.MODEL: model,
-            self.REPORT: report if os.path.isfile(report) else "",
-            self.METRICS: metrics,
-        }
+def _add_run_outputs(algorithm: RoadAlgorithm) -> None:
+    algorithm.addOutput(QgsProcessingOutputFile(MODEL, "Student model (ONNX)"))
+    algorithm.addOutput(QgsProcessingOutputFile(REPORT, "Report (Markdown)"))
+    algorithm.addOutput(QgsProcessingOutputString(METRICS, "Metrics (JSON)"))
+
+
+def _train(args: list[str], run_dir: str, feedback: QgsProcessingFeedback) -> dict:
+    """Run ``road-sslkd ARGS`` for a training run in ``run_dir``: events to the feedback, products as outputs
+    (none when cancelled: the run stays resumable)."""
+    from ..core.cli import run_backend
+
+    last_stage = [""]
+
+    def on_event(event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            stage = event.get("stage")
+            if stage != last_stage[0]:
+                last_stage[0] = stage
+                feedback.pushInfo(f"Stage: {stage_label(stage)}")
+            fraction = overall_fraction(stage, event.get("step") or 0, event.get("total") or 0)
+            if fraction is not None:
+                feedback.setProgress(100.0 * fraction)
+        elif kind == "metric":
+            feedback.pushInfo(f"{event.get('stage', '')} {event.get('name')}: {event.get('value')}")
+        elif kind == "warning":
+            feedback.pushWarning(str(event.get("message", "")))
+
+    try:
+        result = run_backend(args, on_event, feedback.pushDebugInfo, feedback.isCanceled, run_dir=run_dir)
+    except (RuntimeError, OSError) as exc:
+        raise QgsProcessingException(str(exc)) from exc
+    outcome = result.outcome
+    if not outcome.ok:
+        details = f" ({outcome.hint})" if outcome.hint else ""
+        if outcome.status == "cancelled":
+            feedback.reportError(f"Training cancelled; continue it with Resume SSLKD training (RUN_FOLDER={run_dir}) "
+                                 f"or road-sslkd train --resume {run_dir}")
+            return {}
+        raise QgsProcessingException(f"{outcome.message}{details}\n{outcome.details()}")
+    model = RunFolder(run_dir).onnx or os.path.join(run_dir, "student.onnx")
+    report = os.path.join(run_dir, "report.md")
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    metrics = ""
+    if os.path.isfile(metrics_path):
+        with open(metrics_path, encoding="utf-8") as handle:
+            metrics = handle.read()
+    feedback.pushInfo(f"Student model: {model}")
+    return {
+        OUTPUT_FOLDER: run_dir,
+        MODEL: model,
+        REPORT: report if os.path.isfile(report) else "",
+        METRICS: metrics,
+    }
+
+
+class ResumeTrainAlgorithm(RoadAlgorithm):
+    """``road_sslkd:resume_training``: continue a stopped run from its last checkpoint (``train --resume``)."""
+
+    RUN = "RUN_FOLDER"
+
+    def name(self) -> str:
+        return "resume_training"
+
+    def displayName(self) -> str:  # noqa: N802
+        return "Resume SSLKD training"
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return (
+            "Continues a training run that was cancelled, stopped by a crash or left when QGIS closed, from its "
+            "last checkpoint, with the data and settings it was started with (its config.json). Finished stages "
+            "are not trained again; a finished run only refreshes its report.<br><br>"
+            "<b>Run folder</b>: the folder of <i>Train SSLKD road model</i> (its Run folder output), of the "
+            "dock's training, or of <tt>road-sslkd train</tt>.<br>"
+            "The outputs are those of <i>Train SSLKD road model</i>: the student (ONNX), the report and the "
+            "metrics. Needs the backend (dock: Set up backend)."
+        )
+
+    def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
+        self.addParameter(QgsProcessingParameterFile(self.RUN, "Run folder", FOLDER_ONLY))
+        self.addOutput(QgsProcessingOutputFolder(OUTPUT_FOLDER, "Run folder"))
+        _add_run_outputs(self)
+
+    def processAlgorithm(
+        self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback
+    ) -> dict:  # noqa: N802
+        run_dir = os.path.abspath(self.parameterAsFile(parameters, self.RUN, context))
+        if not RunFolder(run_dir).config:
+            raise QgsProcessingException(
+                f"{run_dir} is not a Road SSLKD run folder (no config.json): choose the Run folder a training "
+                "wrote")
+        return _train(resume_args(run_dir), run_dir, feedback)

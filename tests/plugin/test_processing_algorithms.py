@@ -80,15 +80,25 @@ def data(tmp_path_factory):
 
 
 class Feedback(QgsProcessingFeedback):
-    """Keeps the warnings an algorithm pushes."""
+    """Keeps the warnings, errors and backend log lines an algorithm pushes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.warnings: list[str] = []
+        self.errors: list[str] = []
+        self.debug: list[str] = []
 
     def pushWarning(self, warning: str) -> None:  # noqa: N802 - QGIS's API
         self.warnings.append(warning)
         super().pushWarning(warning)
+
+    def reportError(self, error: str, fatal: bool = False) -> None:  # noqa: N802
+        self.errors.append(error)
+        super().reportError(error, fatal)
+
+    def pushDebugInfo(self, info: str) -> None:  # noqa: N802
+        self.debug.append(info)
+        super().pushDebugInfo(info)
 
 
 def _read(path) -> np.ndarray:
@@ -326,7 +336,8 @@ def test_geographic_layer_is_read_on_the_backends_grid(processing, tmp_path):
 
 def test_algorithms_have_help_and_icons(processing):
     registry = QgsApplication.processingRegistry()
-    for algorithm_id in ("road_sslkd:segment_roads", "road_sslkd:train", "road_sslkd:evaluate"):
+    for algorithm_id in ("road_sslkd:segment_roads", "road_sslkd:train", "road_sslkd:resume_training",
+                         "road_sslkd:evaluate"):
         algorithm = registry.algorithmById(algorithm_id)
         assert algorithm is not None, algorithm_id
         assert len(algorithm.shortHelpString()) > 100 and not algorithm.icon().isNull()
@@ -520,3 +531,29 @@ def test_train_runs_the_backend_and_returns_the_student(processing, demo_dir, tm
         processing.run("road_sslkd:evaluate", {"RUN": str(run_dir)})
     with pytest.raises(QgsProcessingException, match="not a Road SSLKD run folder"):
         processing.run("road_sslkd:evaluate", {"RUN": str(tmp_path)})
+
+
+def test_a_cancelled_training_resumes_from_its_checkpoint(processing, demo_dir, tmp_path):
+    """Cancel in the middle, then road_sslkd:resume_training: finished stages are skipped, the student comes back."""
+    split = json.loads((demo_dir / "split.json").read_text())
+    run_dir = tmp_path / "run"
+    feedback = Feedback()
+    feedback.progressChanged.connect(lambda percent: percent > 30 and feedback.cancel())
+    stopped = processing.run(
+        "road_sslkd:train",
+        {"LABELLED_IMAGES": [str(demo_dir / pair["image"]) for pair in split["labelled"]],
+         "LABELS": [str(demo_dir / pair["mask"]) for pair in split["labelled"]],
+         "UNLABELLED": [str(demo_dir / p) for p in split["unlabelled"]], "PRESET": 0, "DEVICE": 1,
+         "OUTPUT_FOLDER": str(run_dir)},
+        feedback=feedback,
+    )  # fmt: skip
+    assert "MODEL" not in stopped and not (run_dir / "student.onnx").exists()
+    assert any(f"Resume SSLKD training (RUN_FOLDER={run_dir})" in e for e in feedback.errors), feedback.errors
+    feedback = Feedback()
+    result = processing.run("road_sslkd:resume_training", {"RUN_FOLDER": str(run_dir)}, feedback=feedback)
+    assert Path(result["MODEL"]).is_file() and result["OUTPUT_FOLDER"] == str(run_dir)
+    assert "student_sslkd" in json.loads(result["METRICS"])["models"]
+    log = "\n".join(feedback.debug)
+    assert "stage teacher_a already finished, skipped" in log, log[-3000:]
+    with pytest.raises(QgsProcessingException, match="is not a Road SSLKD run folder .no config.json."):
+        processing.run("road_sslkd:resume_training", {"RUN_FOLDER": str(tmp_path)})
