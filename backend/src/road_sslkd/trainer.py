@@ -157,6 +157,8 @@ def run_stage(stage: Stage, ctx: Context) -> None:
             if unl_sampler is not None and rng.get("unlabelled_rng"):
                 unl_sampler.set_state(rng["unlabelled_rng"])
             torch.set_rng_state(rng["torch_rng"])
+            if ctx.device.type == "cuda" and rng.get("cuda_rng") is not None:  # augmentation and dropout draw there
+                torch.cuda.set_rng_state(rng["cuda_rng"], ctx.device)
         stage.load_state(state.get("stage", {}))
         start, elapsed = state["step"], state["elapsed"]
         events.log.info("stage %s resumed at step %d/%d", stage.name, start, total)
@@ -164,7 +166,8 @@ def run_stage(stage: Stage, ctx: Context) -> None:
     def checkpoint(step: int) -> None:
         rng = {"labelled_rng": lab_sampler.state(),
                "unlabelled_rng": None if unl_sampler is None else unl_sampler.state(),
-               "torch_rng": torch.get_rng_state()}
+               "torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
         rank_rngs = distributed.gather(rng)  # every rank's streams, so that resumed ranks stay apart
         run.save_checkpoint(stage.name, {
             "step": step, "elapsed": elapsed + time.monotonic() - t0,
