@@ -320,3 +320,49 @@ def test_far_resolutions_and_control_points_warn(tmp_path, capsys):
     run_cli(model, placed, "--out", tmp_path / "gcp")
     warnings = [e["message"] for e in events_of(capsys) if e["event"] == "warning"]
     assert len(warnings) == 1 and "georeferenced by control points" in warnings[0] and "gdalwarp" in warnings[0]
+
+
+def test_fixed_size_export_segments_like_the_dynamic_one(tmp_path):
+    """`export --fixed-size` (for Deepness, which takes the tile size from the input's shape): height and width
+    fixed at the run's tile, batch dynamic; it segments a raster of another size as the dynamic export does,
+    and quantises (calibration tiles cut to its size)."""
+    import onnx
+
+    from road_sslkd import export
+    from road_sslkd.config import make_config
+    from road_sslkd.data import DatasetSpec, Normalizer
+    from road_sslkd.models import build_model
+    from road_sslkd.quantize import quantize_int8
+    from road_sslkd.runs import RunDir
+
+    image = banded_raster(tmp_path / "image.tif")
+    mask = write_raster(tmp_path / "mask.tif", np.ones((1, 40, 40), np.uint8))
+    config = make_config("tiny")
+    run = RunDir.create(tmp_path / "run", config, DatasetSpec.from_lists([f"{image}::{mask}"], [], []))
+    run.normalizer = Normalizer([0.5] * 3, [0.25] * 3)
+    run.save()
+    run.save_model("student_sslkd", build_model(config.student, 3, weights="none"))
+    parser = argparse.ArgumentParser()
+    export.register(parser.add_subparsers())
+    for flags, name in (([], "dynamic"), (["--fixed-size"], "fixed")):
+        args = parser.parse_args(["export", str(run.path), "--out", str(tmp_path / f"{name}.onnx"), *flags])
+        args.func(args)
+    dims = onnx.load(str(tmp_path / "fixed.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, config.tile, config.tile]
+    info = load_model(tmp_path / "fixed.onnx", "cpu", 1).info
+    assert (info.fixed_size, info.tile_size, info.fixed_batch) == (config.tile, config.tile, None)
+    assert load_model(tmp_path / "dynamic.onnx", "cpu", 1).info.fixed_size is None
+    scene = write_raster(tmp_path / "scene.tif", np.random.default_rng(0).integers(0, 255, (3, 90, 100), np.uint8))
+    for name in ("dynamic", "fixed"):
+        run_cli(tmp_path / f"{name}.onnx", scene, "--out", tmp_path / name)
+    run_cli(tmp_path / "fixed.onnx", image, "--out", tmp_path / "small")  # 40 px: under one tile
+
+    def probability(folder: str) -> np.ndarray:
+        with rasterio.open(next((tmp_path / folder).glob("*.tif"))) as dataset:
+            return dataset.read(1).astype(int)
+
+    dynamic, fixed = probability("dynamic"), probability("fixed")
+    assert dynamic.shape == (90, 100) and np.abs(dynamic - fixed).max() <= 1
+    assert probability("small").shape == (40, 40)
+    int8 = quantize_int8(tmp_path / "fixed.onnx", tmp_path / "fixed.int8.onnx")
+    assert load_model(int8, "cpu", 1).info.fixed_size == config.tile

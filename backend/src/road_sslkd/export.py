@@ -62,21 +62,25 @@ def onnx_metadata(model: SegModel, mean: list[float], std: list[float], tile: in
 
 
 def export_onnx(model: SegModel, path: Path, metadata: dict[str, str], overwrite: bool = False,
-                verify_size: int = 256) -> Path:
-    """Write ``path`` (via a temporary file), add metadata, and check onnxruntime matches torch."""
+                fixed_size: Optional[int] = None) -> Path:
+    """Write ``path`` (via a temporary file), add metadata, and check onnxruntime matches torch.
+
+    Height and width are dynamic unless ``fixed_size`` is given (for tools that take the tile size from the
+    input's shape, such as the Deepness plugin); the batch size always is."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists", "pass --overwrite to replace it, or choose another --out")
     model = model.cpu().eval()
     wrapped = _Probabilities(model).eval()
     channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-    example = torch.randn(1, channels, verify_size, verify_size)
+    side = fixed_size or 256
+    example = torch.randn(1, channels, side, side)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the folder of {path}: {exc}", "choose a writable --out") from exc
     tmp = path.with_name(path.name + ".tmp")
-    dynamic = {0: "batch", 2: "height", 3: "width"}
+    dynamic = {0: "batch"} if fixed_size else {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant per tile size
         torch.onnx.export(wrapped, (example,), tmp, input_names=[INPUT], output_names=[OUTPUT],
@@ -86,13 +90,15 @@ def export_onnx(model: SegModel, path: Path, metadata: dict[str, str], overwrite
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(tmp))
-    verify(wrapped, tmp, channels)
+    verify(wrapped, tmp, channels, fixed_size)
     os.replace(tmp, path)
     return path
 
 
-def verify(wrapped: nn.Module, path: Path, channels: int, atol: float = 1e-3) -> float:
-    """Largest |onnxruntime - torch| probability on random input of two shapes; raises when above ``atol``.
+def verify(wrapped: nn.Module, path: Path, channels: int, fixed_size: Optional[int] = None,
+           atol: float = 1e-3) -> float:
+    """Largest |onnxruntime - torch| probability on random input of two shapes (two batch sizes at a fixed
+    size); raises when above ``atol``.
 
     1e-3 is a quarter of one step of the uint8 probability rasters the engine writes; deep fp32 networks
     differ between the two runtimes by ~1e-4 (a random-weight U-Net-ResNet34 by 1.8e-4)."""
@@ -100,7 +106,8 @@ def verify(wrapped: nn.Module, path: Path, channels: int, atol: float = 1e-3) ->
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
-    for shape in ((2, channels, 128, 128), (1, channels, 160, 224)):
+    sides = ((fixed_size, fixed_size),) * 2 if fixed_size else ((128, 128), (160, 224))
+    for shape in ((2, channels, *sides[0]), (1, channels, *sides[1])):
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         got = session.run(None, {INPUT: x})[0]
         with torch.no_grad():
@@ -112,8 +119,9 @@ def verify(wrapped: nn.Module, path: Path, channels: int, atol: float = 1e-3) ->
 
 
 def export_run_model(run: Any, name: str, path: Path, overwrite: bool = False,
-                     extra: Optional[dict[str, Any]] = None) -> Path:
-    """Export a trained model of a run folder with the run's normalisation and provenance."""
+                     extra: Optional[dict[str, Any]] = None, fixed_size: bool = False) -> Path:
+    """Export a trained model of a run folder with the run's normalisation and provenance (``fixed_size``:
+    height and width fixed at the run's tile)."""
     import rasterio
 
     from .predict import ground_resolution_m
@@ -140,7 +148,7 @@ def export_run_model(run: Any, name: str, path: Path, overwrite: bool = False,
     meta = onnx_metadata(model, run.normalizer.mean, run.normalizer.std, cfg.tile, cfg.overlap, resolution,
                          {"road_sslkd_model": name, "road_sslkd_training": summary, **(extra or {})},
                          threshold=summary["metrics"].get("threshold", 0.5))
-    return export_onnx(model, path, meta, overwrite=overwrite)
+    return export_onnx(model, path, meta, overwrite=overwrite, fixed_size=cfg.tile if fixed_size else None)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -150,6 +158,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="ONNX path (default: RUN/MODEL.onnx)")
     p.add_argument("--int8", action="store_true", help="also write an INT8-quantised copy (OUT with .int8.onnx), "
                    "kept only within 1 IoU point")
+    p.add_argument("--fixed-size", action="store_true",
+                   help="fix the input's height and width at the run's tile size (the batch stays dynamic), for "
+                   "tools that take the tile size from the model's input shape, such as the Deepness plugin")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=_run)
 
@@ -159,7 +170,7 @@ def _run(args: argparse.Namespace) -> None:
 
     run = RunDir.open(args.run)
     out = args.out or run.path / f"{args.model}.onnx"
-    events.artifact("onnx", export_run_model(run, args.model, out, args.overwrite))
+    events.artifact("onnx", export_run_model(run, args.model, out, args.overwrite, fixed_size=args.fixed_size))
     if args.int8:
         export_int8(run, out, args.overwrite)
     events.emit("done", onnx=str(out))

@@ -70,6 +70,7 @@ class ModelInfo:
     channels: int = 1  # 1: road; 2 or more: one channel per class, softmax over them
     road_channel: int = 0
     fixed_batch: Optional[int] = None  # models exported with a static batch size (often 1 in Deepness)
+    fixed_size: Optional[int] = None  # models exported with a static height and width (then the tile size)
     defaulted: tuple[str, ...] = ()  # metadata keys that were missing
     training_bands: Optional[tuple[int, ...]] = None  # 1-based raster bands the model was trained on
     training_dtype: Optional[str] = None  # numpy name of the training rasters' data type ("uint8")
@@ -206,8 +207,9 @@ def read_model_info(session: ort.InferenceSession, name: str) -> tuple[ModelInfo
             )
         road_channel = channels - 1  # Deepness binary models: class 0 background, class 1 the target
     values = {field: _meta_value(meta, *keys) for field, keys in META_KEYS.items()}
-    if isinstance(in_shape[2], int) and in_shape[2] == in_shape[3]:  # a fixed input size is the tile size
-        values["tile_size"] = in_shape[2]
+    fixed_size = in_shape[2] if isinstance(in_shape[2], int) and in_shape[2] == in_shape[3] else None
+    if fixed_size:  # a fixed input size is the tile size
+        values["tile_size"] = fixed_size
     defaulted = tuple(key for key, value in values.items() if value is None)
     converters: dict[str, Callable[[Any], Any]] = {
         "tile_size": int,
@@ -228,6 +230,7 @@ def read_model_info(session: ort.InferenceSession, name: str) -> tuple[ModelInfo
         channels=channels,
         road_channel=road_channel,
         fixed_batch=in_shape[0] if isinstance(in_shape[0], int) else None,
+        fixed_size=fixed_size,
         defaulted=defaulted,
         **_training(meta, bands),
         **{**defaults, **present},

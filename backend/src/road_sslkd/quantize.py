@@ -25,6 +25,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from .engine import pad_to
 from .onnx_runtime import ModelInfo, load_model
 
 CALIBRATION_TILES = 8
@@ -59,10 +60,13 @@ def quantize_int8(src: Path, dst: Path, calibration: Optional[Iterable[np.ndarra
     """Write an INT8 copy of the ONNX model ``src`` to ``dst`` (metadata kept) and return ``dst``.
 
     ``calibration``: raw tiles (C, H, W) of the imagery, normalised here with the model's own metadata;
-    synthetic tiles when None.
+    synthetic tiles when None. A model of fixed input size gets them cut or padded to that size.
     """
     model = load_model(src, "cpu")
     tiles = calibration if calibration is not None else synthetic_tiles(model.info.bands)
+    side = model.info.fixed_size
+    if side:
+        tiles = (pad_to(tile[:, :side, :side], side, side) for tile in tiles)
     with tempfile.TemporaryDirectory(dir=Path(dst).parent, prefix=".quantize-") as scratch:
         prepared, quantised = Path(scratch) / "prepared.onnx", Path(scratch) / "int8.onnx"
         # Symbolic shape inference cannot follow smp's dynamic-size resizes; ONNX's own inference suffices.
