@@ -347,8 +347,10 @@ def test_fixed_size_export_segments_like_the_dynamic_one(tmp_path):
     for flags, name in (([], "dynamic"), (["--fixed-size"], "fixed")):
         args = parser.parse_args(["export", str(run.path), "--out", str(tmp_path / f"{name}.onnx"), *flags])
         args.func(args)
-    dims = onnx.load(str(tmp_path / "fixed.onnx")).graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, config.tile, config.tile]
+    graph = onnx.load(str(tmp_path / "fixed.onnx")).graph
+    for value, channels in ((graph.input[0], 3), (graph.output[0], 1)):  # Deepness wants a square output too
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert dims == ["batch", channels, config.tile, config.tile], value.name
     info = load_model(tmp_path / "fixed.onnx", "cpu", 1).info
     assert (info.fixed_size, info.tile_size, info.fixed_batch) == (config.tile, config.tile, None)
     assert load_model(tmp_path / "dynamic.onnx", "cpu", 1).info.fixed_size is None

@@ -86,6 +86,9 @@ def export_onnx(model: SegModel, path: Path, metadata: dict[str, str], overwrite
         torch.onnx.export(wrapped, (example,), tmp, input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: dynamic, OUTPUT: dynamic}, opset_version=17, dynamo=False)
     proto = onnx.load(str(tmp))
+    if fixed_size:  # the tracer leaves the output's side symbolic after smp's resizes; Deepness wants it square
+        for dim in proto.graph.output[0].type.tensor_type.shape.dim[2:]:
+            dim.dim_value = fixed_size
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
