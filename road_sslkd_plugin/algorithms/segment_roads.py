@@ -197,9 +197,10 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
     ) -> Optional[float]:
         model = segment.load_model(model_path)
         chosen, notes = segment.check_input(layer, model.info, bands)
-        for warning in [*model.warnings, *notes]:
-            feedback.pushWarning(warning)
         window = segment.plan_window(layer, extent, layer.crs(), model.info.resolution_cm, MAX_PIXELS)
+        for warning in [*model.warnings, *notes, segment.resolution_note(layer, model.info, window)]:
+            if warning:
+                feedback.pushWarning(warning)
         feedback.pushInfo(f"Reading {window.width} x {window.height} pixels, bands {chosen}")
         pixels = segment.read_bands(self._provider, window, chosen)
         probability = segment.predict(

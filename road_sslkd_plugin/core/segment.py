@@ -29,12 +29,13 @@ from qgis.core import (
     QgsUnitTypes,
 )
 
-from ..compat import DISTANCE_METERS, DISTANCE_UNKNOWN, WKT_PREFERRED_GDAL
+from ..compat import DISTANCE_METERS, DISTANCE_UNKNOWN, WKT_PREFERRED_GDAL, qgis_enum
 from .backend import PLUGIN_DIR, backend_source_dir
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a canvas extent larger than this at the model's resolution: zoom in
 EXACT_MASK_PIXELS = 1_000_000  # nodata bitmaps up to this size are read pixel by pixel
 ENGINE_HINT = "install onnxruntime and numpy in QGIS's Python, or segment with `road-sslkd predict`"
+ALPHA_BAND = qgis_enum("Qgis.RasterColorInterpretation.AlphaBand", "QgsRaster.ColorInterpretation.AlphaBand")
 
 
 class SegmentError(Exception):
@@ -130,6 +131,22 @@ def model_pixel_size(
     return size
 
 
+def resolution_note(layer: QgsRasterLayer, info: Any, window: ReadWindow) -> Optional[str]:
+    """The engine's warning (``ModelInfo.resolution_warning``, as ``road-sslkd predict`` gives it) when the
+    layer's pixels inside ``window`` are far finer or coarser than the model's; None otherwise."""
+    crs = layer.crs()
+    native = (layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY())
+    if not crs.isValid() or crs.mapUnits() == DISTANCE_UNKNOWN or min(native) <= 0:
+        return None
+    if crs.isGeographic():
+        per_degree = engine_module().metres_per_degree(window.extent.center().y())
+        ground = max(native[0] * per_degree[0], native[1] * per_degree[1])
+    else:
+        ground = max(native) * QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), DISTANCE_METERS)
+    pixels = window.extent.width() / native[0] * window.extent.height() / native[1]
+    return info.resolution_warning(ground, pixels, f"the layer {layer.name()}")
+
+
 def plan_window(
     layer: QgsRasterLayer,
     extent: Optional[QgsRectangle] = None,
@@ -149,7 +166,11 @@ def plan_window(
             try:
                 area = transform.transformBoundingBox(area)
             except QgsCsException as exc:
-                raise SegmentError("The extent cannot be transformed to the layer's CRS", str(exc)) from exc
+                raise SegmentError(
+                    f"The extent cannot be transformed from {extent_crs.userFriendlyIdentifier()} to the CRS of "
+                    f"the layer {layer.name()}, {crs.userFriendlyIdentifier()} ({exc})",
+                    "zoom in to the layer, or give the project (or the extent) the layer's CRS",
+                ) from exc
         area = area.intersect(full)
         if area.isEmpty():
             raise SegmentError(
@@ -239,21 +260,14 @@ def check_input(
 
 
 def read_bands(provider: QgsRasterDataProvider, window: ReadWindow, bands: list[int]) -> Any:
-    """Raw bands (C, H, W) of the window; a masked array where the source has nodata (per band)."""
+    """Raw bands (C, H, W) of the window; a masked array where the source has nodata (per band) or is
+    transparent (alpha 0; QGIS also shows GDAL's per-dataset mask as an alpha band), as the backend reads it."""
     import numpy as np
 
-    dtypes = _dtypes()
     planes, masks = [], []
     for band in bands:
-        block = provider.block(band, window.extent, window.width, window.height)
-        if block is None or not block.isValid():
-            raise SegmentError(f"Band {band} could not be read", "check that the raster file is readable")
-        dtype = dtypes.get(block.dataType())
-        if dtype is None:
-            raise SegmentError(
-                f"Band {band} has an unsupported data type ({block.dataType()})", "use integer or float bands"
-            )
-        data = np.frombuffer(bytes(block.data()), dtype=dtype).reshape(window.height, window.width).copy()
+        block, data = _read_block(provider, band, window)
+        dtype = data.dtype.name
         mask = None
         if block.hasNoDataValue():
             nodata = block.noDataValue()
@@ -264,11 +278,35 @@ def read_bands(provider: QgsRasterDataProvider, window: ReadWindow, bands: list[
             mask = np.isnan(data) if mask is None else (mask | np.isnan(data))
         planes.append(data)
         masks.append(mask)
+    transparent = _transparent(provider, window)
+    if transparent is not None:
+        masks = [transparent if m is None else (m | transparent) for m in masks]
     stack = np.stack(planes)
     if all(m is None or not m.any() for m in masks):
         return stack
     full = np.stack([m if m is not None else np.zeros(stack.shape[1:], bool) for m in masks])
     return np.ma.MaskedArray(stack, full)
+
+
+def _read_block(provider: QgsRasterDataProvider, band: int, window: ReadWindow) -> tuple[Any, Any]:
+    """One band of the window: its QgsRasterBlock and its values as a numpy array (H, W)."""
+    import numpy as np
+
+    block = provider.block(band, window.extent, window.width, window.height)
+    if block is None or not block.isValid():
+        raise SegmentError(f"Band {band} could not be read", "check that the raster file is readable")
+    dtype = _dtypes().get(block.dataType())
+    if dtype is None:
+        raise SegmentError(
+            f"Band {band} has an unsupported data type ({block.dataType()})", "use integer or float bands"
+        )
+    return block, np.frombuffer(bytes(block.data()), dtype=dtype).reshape(window.height, window.width).copy()
+
+
+def _transparent(provider: QgsRasterDataProvider, window: ReadWindow) -> Any:
+    """Where the raster's alpha band is 0 (no imagery there), or None when it has no alpha band."""
+    alpha = [b for b in range(1, provider.bandCount() + 1) if provider.colorInterpretation(b) == ALPHA_BAND]
+    return _read_block(provider, alpha[0], window)[1] == 0 if alpha else None
 
 
 def _bitmap_mask(block: Any, window: ReadWindow, raster: QgsRectangle) -> Any:
@@ -322,7 +360,10 @@ def write_geotiff(path: str, values: Any, window: ReadWindow) -> str:
     gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES")  # the mask inside the .tif, no .msk
     try:
         driver = gdal.GetDriverByName("GTiff")
-        options = ["COMPRESS=DEFLATE", "TILED=YES"] + (["INTERLEAVE=PIXEL"] if len(data) > 1 else [])
+        # MINISBLACK: GDAL would take 3 or 4 byte bands for RGB(A), and a 4th band (near infrared, say) for
+        # alpha, masking wherever it is 0; transparency is the dataset mask below.
+        multi = ["INTERLEAVE=PIXEL", "PHOTOMETRIC=MINISBLACK"] if len(data) > 1 else []
+        options = ["COMPRESS=DEFLATE", "TILED=YES", *multi]
         dataset = driver.Create(partial, window.width, window.height, len(data), gdal_type, options)
         if dataset is None:
             raise SegmentError(f"Cannot write {path}: {gdal.GetLastErrorMsg()}", "choose a writable output file")

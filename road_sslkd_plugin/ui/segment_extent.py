@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from qgis.core import (
     Qgis,
@@ -69,18 +69,37 @@ def readable_raster(layer: Optional[QgsMapLayer]) -> bool:
     return provider is not None and bool(provider.capabilities() & RASTER_SIZE)
 
 
-def default_layer(project: QgsProject, active: Optional[QgsMapLayer] = None) -> Optional[QgsRasterLayer]:
-    """The active layer when it is a readable raster, else the topmost visible one (result layers skipped)."""
-    if readable_raster(active) and not active.customProperty("road_sslkd/result"):
-        return active
+def _candidates(project: QgsProject, active: Optional[QgsMapLayer]) -> Iterator[QgsMapLayer]:
+    """The active layer, then the visible ones from the top; result layers skipped."""
     root = project.layerTreeRoot()
+    visible = []
     for layer in root.layerOrder() or [n.layer() for n in root.findLayers()]:
         node = root.findLayer(layer.id())
-        if node is None or not node.isVisible() or layer.customProperty("road_sslkd/result"):
-            continue
-        if readable_raster(layer):
-            return layer
-    return None
+        if node is not None and node.isVisible():
+            visible.append(layer)
+    for layer in [active, *visible]:
+        if layer is not None and not layer.customProperty("road_sslkd/result"):
+            yield layer
+
+
+def default_layer(project: QgsProject, active: Optional[QgsMapLayer] = None) -> Optional[QgsRasterLayer]:
+    """The active layer when it is a readable raster, else the topmost visible one (result layers skipped)."""
+    return next((layer for layer in _candidates(project, active) if readable_raster(layer)), None)
+
+
+def no_layer_error(project: QgsProject, active: Optional[QgsMapLayer] = None) -> segment.SegmentError:
+    """Why ``default_layer`` found nothing: a web (WMS/XYZ) layer in view is named, with how to segment it."""
+    web = next(
+        (layer for layer in _candidates(project, active) if isinstance(layer, QgsRasterLayer) and layer.isValid()),
+        None,
+    )
+    if web is None:
+        return segment.SegmentError("No visible raster layer to segment", "add or show an image layer")
+    return segment.SegmentError(
+        f"The layer {web.name()} is a web or image-only layer: its pixels cannot be read",
+        "save the area as a GeoTIFF (right-click the layer > Export > Save As..., Rendered image, "
+        "Map canvas extent) and segment that layer",
+    )
 
 
 Work = Callable[[Callable[[int, int], None], Callable[[], bool]], Any]  # (progress, cancelled) -> result
@@ -170,13 +189,14 @@ class ExtentSegmenter(QObject):
         path = model_path or self.model_path()
         if not path:
             path = self.choose_model()
+        late: list[str] = []  # the backend's warnings, collected in the task's thread and shown when it ends
         try:
             if layer is None:
-                raise segment.SegmentError("No visible raster layer to segment", "add or show an image layer")
+                raise no_layer_error(project, self.iface.activeLayer())
             if segment.engine_available():
                 work, window, warnings = self._in_process(layer, path, canvas, project)
             else:  # QGIS's Python has no onnxruntime: the backend's `road-sslkd predict` does the inference
-                work, window, warnings = self._with_backend(layer, path, canvas, project)
+                work, window, warnings = self._with_backend(layer, path, canvas, project, late.append)
         except segment.SegmentError as exc:
             self._fail(exc.message, exc.hint)
             return False
@@ -187,9 +207,14 @@ class ExtentSegmenter(QObject):
 
         def done(result: Any, error: str) -> None:
             self.task = None
-            if self.closed:
-                return
-            self._finish(result, error, layer.name() if not _deleted(layer) else name, window)
+            try:
+                if not self.closed:
+                    for warning in late:
+                        self._message(warning, Qgis.MessageLevel.Warning)
+                    self._finish(result, error, layer.name() if not _deleted(layer) else name, window)
+            finally:
+                if isinstance(result, str):  # the backend's scratch folder, whether its file was placed or not
+                    shutil.rmtree(os.path.dirname(result), ignore_errors=True)
 
         self.task = SegmentTask(work, description, done)
         QgsApplication.taskManager().addTask(self.task)
@@ -207,31 +232,39 @@ class ExtentSegmenter(QObject):
         # The map action has no band choice: the model's training bands, with Processing's for other bands.
         bands, notes = segment.check_input(layer, model.info, option="BANDS of Processing's Segment roads")
         window = self._window(layer, canvas, project, model.info.resolution_cm)
+        notes.append(segment.resolution_note(layer, model.info, window))
         pixels = segment.read_bands(layer.dataProvider(), window, bands)
 
         def work(progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> Any:
             return segment.predict(model, pixels, progress, cancelled)
 
-        return work, window, [*model.warnings, *notes]
+        return work, window, [note for note in (*model.warnings, *notes) if note]
 
-    def _with_backend(self, layer: QgsRasterLayer, path: str, canvas: Any, project: QgsProject) -> tuple:
+    def _with_backend(
+        self, layer: QgsRasterLayer, path: str, canvas: Any, project: QgsProject, warn: Callable[[str], None]
+    ) -> tuple:
         """The window at the layer's resolution to a scratch GeoTIFF; the task runs ``road-sslkd predict`` on it.
 
-        The backend reads the model's bands and resolution itself and answers on the window's grid.
+        The backend reads the model's bands and resolution itself and answers on the window's grid; its
+        warnings (bands, data type, resolution) go to ``warn``, from the task's thread.
         """
         if not os.path.isfile(path):
             raise segment.SegmentError(f"model file not found: {path}", "give the path of an .onnx model")
         window = self._window(layer, canvas, project, None)
         pixels = segment.read_bands(layer.dataProvider(), window, list(range(1, layer.bandCount() + 1)))
         scratch = tempfile.mkdtemp(prefix="road_sslkd_extent_")
-        source = segment.write_geotiff(os.path.join(scratch, "window.tif"), pixels, window)
+        try:
+            source = segment.write_geotiff(os.path.join(scratch, "window.tif"), pixels, window)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
         del pixels
         label = f"the layer {layer.name()}"  # layers are not touched from the task's thread
 
         def work(progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> Any:
             produced = None
             try:
-                produced = segment.predict_with_backend(path, source, scratch, label, progress, cancelled)
+                produced = segment.predict_with_backend(path, source, scratch, label, progress, cancelled, warn=warn)
                 if produced is not None:
                     kept = os.path.join(scratch, "probability.tif")
                     os.replace(produced, kept)
@@ -257,7 +290,6 @@ class ExtentSegmenter(QObject):
         try:
             if isinstance(result, str):  # the backend's file
                 segment.place_file(result, path)
-                shutil.rmtree(os.path.dirname(result), ignore_errors=True)
             else:
                 segment.write_geotiff(path, result, window)
         except (OSError, RuntimeError, segment.SegmentError) as exc:

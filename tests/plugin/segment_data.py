@@ -104,12 +104,21 @@ def expected_probability(band1: np.ndarray) -> np.ndarray:
 
 
 def make_raster(
-    path: Path, width: int = 120, height: int = 100, pixel: float = 0.5, bands: int = 3, nodata_corner: bool = True
+    path: Path,
+    width: int = 120,
+    height: int = 100,
+    pixel: float = 0.5,
+    bands: int = 3,
+    nodata_corner: bool = True,
+    transparency: Optional[str] = None,
+    epsg: int = EPSG,
+    origin: tuple[float, float] = ORIGIN,
 ) -> np.ndarray:
-    """A SYNTHETIC uint8 raster in EPSG:32633: a bright diagonal "road" on a darker gradient.
+    """A SYNTHETIC uint8 raster (default EPSG:32633 at ``ORIGIN``): a bright diagonal "road" on a darker gradient.
 
-    With ``nodata_corner`` the top-left 10 x 10 pixels are nodata (value 0, declared on every band).
-    Returns the pixel values (bands, height, width).
+    With ``nodata_corner`` the top-left 10 x 10 pixels are nodata (value 0, declared on every band). With
+    ``transparency`` the left 10 columns are transparent instead: "alpha" adds an alpha band (0 there),
+    "mask" a GDAL per-dataset mask inside the file. Returns the pixel values (bands, height, width).
     """
     rows, cols = np.mgrid[0:height, 0:width]
     ground = (40 + 60 * cols / width + 20 * rows / height).astype(np.uint8)
@@ -118,11 +127,15 @@ def make_raster(
     data = np.stack([band1] + [np.where(road, 200, ground // 2 + 10 * b).astype(np.uint8) for b in range(1, bands)])
     if nodata_corner:
         data[:, :10, :10] = 0
-    driver = gdal.GetDriverByName("GTiff")
-    dataset = driver.Create(str(path), width, height, bands, gdal.GDT_Byte)
-    dataset.SetGeoTransform((ORIGIN[0], pixel, 0.0, ORIGIN[1], 0.0, -pixel))
+    alpha = transparency == "alpha"
+    # GDAL would take a 4th byte band for alpha: MINISBLACK keeps every band imagery unless alpha is asked for.
+    options = ["PHOTOMETRIC=RGB", "ALPHA=YES"] if alpha else ["PHOTOMETRIC=MINISBLACK"]
+    gdal.SetConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES")  # the "mask" case: inside the file, no .msk beside it
+    count = bands + 1 if alpha else bands
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), width, height, count, gdal.GDT_Byte, options)
+    dataset.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
     srs = osr.SpatialReference()
-    srs.ImportFromEPSG(EPSG)
+    srs.ImportFromEPSG(epsg)
     dataset.SetProjection(srs.ExportToWkt())
     dataset.SetMetadataItem("DESCRIPTION", "SYNTHETIC test raster, not real imagery")
     for index in range(bands):
@@ -130,5 +143,14 @@ def make_raster(
         band.WriteArray(data[index])
         if nodata_corner:
             band.SetNoDataValue(0)
+    if transparency is not None:
+        opaque = np.full((height, width), 255, np.uint8)
+        opaque[:, :10] = 0
+        if alpha:
+            dataset.GetRasterBand(bands + 1).WriteArray(opaque)
+        else:
+            dataset.CreateMaskBand(gdal.GMF_PER_DATASET)
+            dataset.GetRasterBand(1).GetMaskBand().WriteArray(opaque)
     dataset = None
+    gdal.SetConfigOption("GDAL_TIFF_INTERNAL_MASK", None)
     return data

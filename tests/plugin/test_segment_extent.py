@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from osgeo import gdal
-from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+)
 from segment_data import ORIGIN, expected_probability, make_model, make_raster
 
 import road_sslkd_plugin
@@ -33,6 +41,7 @@ def data(tmp_path_factory):
         "pixels": make_raster(folder / "scene.tif"),
         "model": make_model(folder / "pointwise.onnx"),
         "model_1m": make_model(folder / "pointwise_1m.onnx", resolution_cm=100.0),
+        "model_5m": make_model(folder / "pointwise_5m.onnx", resolution_cm=500.0),  # 10x the scene's pixels
         # Trained on bands 3,2,1 of 16-bit imagery: band 3 is read, and the 8-bit scene gets a warning.
         "bgr16": make_model(
             folder / "bgr16.onnx", resolution_cm=50.0, training={"bands": [3, 2, 1], "dtype": "uint16"}
@@ -227,3 +236,130 @@ def test_only_the_onnx_engine_of_the_backend_is_imported(qgis_iface, scene, data
     loaded = {name for name in sys.modules if name == "road_sslkd" or name.startswith("road_sslkd.")}
     assert loaded <= {"road_sslkd", "road_sslkd.onnx_runtime", "road_sslkd.engine", "road_sslkd.events"}
     assert "torch" not in sys.modules and "rasterio" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("transparency", "in_process"),
+    [("alpha", True), ("mask", True), ("alpha", False)],
+    ids=["alpha", "mask", "alpha-backend"],
+)
+def test_transparent_pixels_stay_masked(qgis_iface, project, data, tmp_path, monkeypatch, transparency, in_process):
+    """Alpha 0 (an alpha band, or GDAL's mask inside the file) is no imagery: masked in the result, not segmented."""
+    if not in_process:
+        monkeypatch.setattr(segment, "engine_available", lambda: False)
+    pixels = make_raster(tmp_path / "rgba.tif", nodata_corner=False, transparency=transparency)
+    layer = QgsRasterLayer(str(tmp_path / "rgba.tif"), "rgba", "gdal")
+    project.addMapLayer(layer)
+    settings.set_user_value(FOLDER_KEY, str(tmp_path / "out"))
+    _show(qgis_iface.mapCanvas(), layer.extent())
+    result, text = _run(ExtentSegmenter(qgis_iface), layer=layer, model_path=str(data["model"]))
+    assert result is not None, text
+    dataset = gdal.Open(result.source())
+    values, mask = dataset.GetRasterBand(1).ReadAsArray(), dataset.GetRasterBand(1).GetMaskBand().ReadAsArray()
+    dataset = None
+    assert (mask[:, :10] == 0).all() and (mask[:, 10:] == 255).all()
+    assert np.abs(values[:, 10:].astype(int) - expected_probability(pixels[0][:, 10:])).max() <= 1
+
+
+def test_geographic_layer_under_a_web_mercator_canvas_keeps_its_grid(qgis_iface, project, data, tmp_path):
+    """The result lies on the layer's own CRS and pixel grid (checked with GDAL), whatever the canvas CRS."""
+    pixel = 1e-5  # degrees, about 0.8 m x 1.1 m at 45 N: read as it is (no model resolution)
+    make_raster(tmp_path / "geo.tif", pixel=pixel, epsg=4326, origin=(15.0, 45.0))
+    layer = QgsRasterLayer(str(tmp_path / "geo.tif"), "geo", "gdal")
+    project.addMapLayer(layer)
+    settings.set_user_value(FOLDER_KEY, str(tmp_path / "out"))
+    mercator = QgsCoordinateReferenceSystem("EPSG:3857")
+    centre = QgsCoordinateTransform(layer.crs(), mercator, project).transform(layer.extent().center())
+    x, y = centre.x(), centre.y()
+    visible = _show(qgis_iface.mapCanvas(), QgsRectangle(x - 10, y - 10, x + 10, y + 10), "EPSG:3857")
+    result, text = _run(ExtentSegmenter(qgis_iface), layer=layer, model_path=str(data["model"]))
+    assert result is not None, text
+    dataset = gdal.Open(result.source())
+    transform, wkt = dataset.GetGeoTransform(), dataset.GetProjection()
+    dataset = None
+    assert QgsCoordinateReferenceSystem.fromWkt(wkt).authid() == "EPSG:4326"
+    assert transform[1] == pytest.approx(pixel) and transform[5] == pytest.approx(-pixel)
+    col0, row0 = (transform[0] - 15.0) / pixel, (45.0 - transform[3]) / pixel
+    assert col0 == pytest.approx(round(col0), abs=1e-6) and row0 == pytest.approx(round(row0), abs=1e-6)
+    to_layer = QgsCoordinateTransform(mercator, layer.crs(), project)
+    assert result.extent().contains(to_layer.transformBoundingBox(visible).intersect(layer.extent()))
+    assert 0 < round(col0) < 120 and 0 < round(row0) < 100  # the visible part, not the whole layer
+
+
+def test_the_backends_warnings_reach_the_message_bar(qgis_iface, scene, data, monkeypatch):
+    monkeypatch.setattr(segment, "engine_available", lambda: False)
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    layer, text = _run(ExtentSegmenter(qgis_iface), model_path=str(data["bgr16"]))
+    assert layer is not None, text
+    warnings = bar.get_messages(Qgis.MessageLevel.Warning)
+    assert any("the layer scene is uint8 but the model was trained on uint16" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("engine", ["in QGIS", "backend"])
+def test_a_far_resolution_warns_on_either_path(qgis_iface, scene, data, monkeypatch, engine):
+    """A 5 m model on 0.5 m imagery: the same warning as `road-sslkd predict` gives, in QGIS or from the backend."""
+    if engine == "backend":
+        monkeypatch.setattr(segment, "engine_available", lambda: False)
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    layer, text = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model_5m"]))
+    assert layer is not None, text
+    warnings = bar.get_messages(Qgis.MessageLevel.Warning)
+    said = "has 0.50 m pixels but the model was trained at 5.00 m: it is resampled 0.1x per side"
+    assert any(said in w for w in warnings), warnings
+
+
+def test_a_failed_backend_run_leaves_no_scratch_folder(qgis_iface, scene, data, monkeypatch, tmp_path):
+    monkeypatch.setattr(segment, "engine_available", lambda: False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    settings.set_user_value(FOLDER_KEY, str(tmp_path / "file" / "out"))  # unwritable: the result cannot be placed
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    layer, text = _run(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
+    assert layer is None and "Cannot write the result" in text
+    assert list((tmp_path / "temp").iterdir()) == []
+
+
+def test_a_web_layer_is_named_with_how_to_segment_it(qgis_iface, project, data):
+    xyz = QgsRasterLayer("type=xyz&url=file:///nowhere/{z}/{x}/{y}.png&zmax=19&zmin=0", "Satellite", "wms")
+    assert xyz.isValid()
+    project.addMapLayer(xyz)
+    qgis_iface.setActiveLayer(xyz)
+    segmenter = ExtentSegmenter(qgis_iface)
+    texts = []
+    segmenter.finished.connect(lambda layer, text: texts.append(text))
+    assert not segmenter.run(model_path=str(data["model"]))
+    assert "The layer Satellite is a web or image-only layer" in texts[-1] and "Export > Save As" in texts[-1]
+
+
+def test_an_extent_that_cannot_be_transformed_says_what_to_do(project, tmp_path):
+    make_raster(tmp_path / "geo.tif", pixel=1e-5, epsg=4326, origin=(15.0, 45.0))
+    layer = QgsRasterLayer(str(tmp_path / "geo.tif"), "geo", "gdal")
+    far = QgsRectangle(1e8, 1e8, 2e8, 2e8)  # no point of it lies on the Earth
+    with pytest.raises(segment.SegmentError, match="to the CRS of the layer geo") as error:
+        segment.plan_window(layer, far, QgsCoordinateReferenceSystem("EPSG:32633"))
+    assert "zoom in to the layer" in error.value.hint
+
+
+def test_a_fourth_band_is_imagery_not_alpha_for_the_backend(qgis_iface, project, data, tmp_path, monkeypatch):
+    """RGB + near infrared: the window copied for `road-sslkd predict` must not turn band 4 into alpha."""
+    monkeypatch.setattr(segment, "engine_available", lambda: False)
+    pixels = make_raster(tmp_path / "rgbn.tif", bands=4, nodata_corner=False)
+    dataset = gdal.Open(str(tmp_path / "rgbn.tif"), gdal.GA_Update)
+    dataset.GetRasterBand(4).WriteArray(np.zeros((100, 10), np.uint8))  # no infrared light (water, shadow)
+    dataset = None
+    layer = QgsRasterLayer(str(tmp_path / "rgbn.tif"), "rgbn", "gdal")
+    project.addMapLayer(layer)
+    settings.set_user_value(FOLDER_KEY, str(tmp_path / "out"))
+    _show(qgis_iface.mapCanvas(), layer.extent())
+    result, text = _run(ExtentSegmenter(qgis_iface), layer=layer, model_path=str(data["model"]))
+    assert result is not None, text
+    dataset = gdal.Open(result.source())
+    values, mask = dataset.GetRasterBand(1).ReadAsArray(), dataset.GetRasterBand(1).GetMaskBand().ReadAsArray()
+    dataset = None
+    assert (mask == 255).all()
+    assert np.abs(values.astype(int) - expected_probability(pixels[0])).max() <= 1

@@ -47,6 +47,9 @@ METRES_PER_DEGREE = 111_320.0  # of latitude, and of longitude at the equator (s
 # Relative difference between a raster's and the model's resolution below which the raster is read as it is
 # (the backend's predict and the plugin alike).
 RESAMPLE_TOLERANCE = 0.05
+# A raster whose pixels are this many times finer or coarser than the model's gets a warning: resampled that far,
+# roads look unlike the training imagery.
+RESOLUTION_WARNING = 2.0
 
 
 def metres_per_degree(latitude: float) -> tuple[float, float]:
@@ -116,6 +119,19 @@ class ModelInfo:
                 f"as in training (divided by 255), so its values lie far outside what the model learnt; rescale "
                 f"it to {self.training_dtype} (e.g. gdal_translate -ot {target} -scale IN.tif OUT.tif), or train "
                 "a model on this kind of imagery")
+
+    def resolution_warning(self, ground_m: float, source_pixels: float, what: str) -> Optional[str]:
+        """Why ``what`` (``source_pixels`` pixels of ``ground_m`` metres) may segment poorly or slowly: a ground
+        resolution far from the model's, to which it is resampled; None when close or the model does not say."""
+        if not self.resolution_cm:
+            return None
+        factor = ground_m * 100 / self.resolution_cm  # raster pixel / model pixel: > 1 means upsampled
+        if 1 / RESOLUTION_WARNING <= factor <= RESOLUTION_WARNING:
+            return None
+        return (f"{what} has {ground_m:.2f} m pixels but the model was trained at {self.resolution_cm / 100:.2f} m: "
+                f"it is resampled {factor:.3g}x per side ({source_pixels * factor**2 / 1e6:,.0f} Mpx to segment), "
+                "and roads at a scale this different look unlike the training imagery; prefer imagery or a model "
+                "of similar resolution")
 
     def probabilities(self, output: np.ndarray) -> np.ndarray:
         """Model output (N, C, H, W) or (N, H, W) to road probability (N, H, W)."""

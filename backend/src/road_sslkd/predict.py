@@ -33,12 +33,11 @@ from skimage.morphology import skeletonize
 
 from . import events
 from .events import UserError
-from .onnx_runtime import PROVIDERS, RESAMPLE_TOLERANCE, OnnxSegmenter, load_model, metres_per_degree
+from .onnx_runtime import PROVIDERS, RESAMPLE_TOLERANCE, ModelInfo, OnnxSegmenter, load_model, metres_per_degree
 
 PROBABILITY_SUFFIX = "_road_prob.tif"
 CENTRELINES_SUFFIX = "_centrelines.gpkg"
 # Raster-to-model resolution ratio (either way) beyond which prediction warns: results and time both suffer.
-RESOLUTION_WARNING = 2.0
 STRIP_ROWS = 1024  # rows per strip where this module copies or vectorises rasters itself
 SPUR_PX_WITHOUT_CRS = 20.0
 GDAL_OPTIONS = {
@@ -93,22 +92,14 @@ def _model_grid(dataset: rasterio.DatasetReader, resolution_cm: Optional[float])
     return {**_grid(dataset), "transform": transform, "width": width, "height": height}
 
 
-def _grid_warning(dataset: rasterio.DatasetReader, raster: Path, resolution_cm: Optional[float]) -> Optional[str]:
+def _grid_warning(dataset: rasterio.DatasetReader, raster: Path, info: ModelInfo) -> Optional[str]:
     """Why ``raster`` may segment poorly or slowly: no pixel grid on the map, or a ground resolution far from the
-    model's (it is resampled to the model's, and roads then look unlike the training imagery)."""
+    model's."""
     if dataset.transform.is_identity and (dataset.gcps[0] or dataset.rpcs):
         return (f"{raster} is georeferenced by control points (GCPs or RPCs), not by a grid: its output will have "
                 "no georeferencing; warp it onto a grid first (gdalwarp -t_srs EPSG:CODE IN.tif OUT.tif)")
     ground = ground_resolution_m(dataset)
-    if ground is None or not resolution_cm:
-        return None
-    factor = max(ground) * 100 / resolution_cm  # raster pixel / model pixel: > 1 means upsampled
-    if 1 / RESOLUTION_WARNING <= factor <= RESOLUTION_WARNING:
-        return None
-    pixels = dataset.width * dataset.height * factor**2 / 1e6
-    return (f"{raster} has {max(ground):.2f} m pixels but the model was trained at {resolution_cm / 100:.2f} m: it is "
-            f"resampled {factor:.3g}x per side ({pixels:,.0f} Mpx to segment), and roads at a scale this different "
-            "look unlike the training imagery; prefer imagery or a model of similar resolution")
+    return None if ground is None else info.resolution_warning(max(ground), dataset.width * dataset.height, str(raster))
 
 
 def _has_nodata(dataset: rasterio.DatasetReader, bands: list[int]) -> bool:
@@ -424,7 +415,7 @@ def _plan(args: argparse.Namespace, model: OnnxSegmenter, bands: Optional[list[i
             _check_bands(src, raster, chosen, model.info.bands)
             notes = [model.info.band_warning(chosen, str(raster), "--bands"),
                      model.info.dtype_warning(src.dtypes[chosen[0] - 1], str(raster)),
-                     _grid_warning(src, raster, model.info.resolution_cm)]
+                     _grid_warning(src, raster, model.info)]
         for note in filter(None, notes):
             events.warning(note)
         probability = args.out / f"{raster.stem}{PROBABILITY_SUFFIX}"
