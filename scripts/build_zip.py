@@ -28,39 +28,42 @@ CONTENT = [
 ]
 
 
-# Never shipped even if someone commits them: QGIS would load stale bytecode, and data does not belong in a plugin.
-EXCLUDED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints"}
+# Never shipped even if someone commits them or git does not ignore them: QGIS would load stale bytecode,
+# plugins.qgis.org refuses __pycache__, __MACOSX and .git, hidden files (.DS_Store) and pip's egg-info
+# are clutter, and data does not belong in a plugin.
+EXCLUDED_PARTS = {"__pycache__", "__MACOSX"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".onnx", ".pt", ".pth", ".tif", ".tiff", ".zip"}
 
 
-def tracked_files() -> Optional[set[Path]]:
+def tracked_files(root: Path) -> Optional[set[Path]]:
     """Files git tracks plus new files it does not ignore (so an uncommitted new module is not left out).
 
     None outside a git checkout (a source archive): then only the cache and data filters apply.
     """
     command = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
     try:
-        out = subprocess.run(command, cwd=ROOT, capture_output=True, check=True).stdout
+        out = subprocess.run(command, cwd=root, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    return {ROOT / name for name in out.decode().split("\0") if name}
+    return {root / name for name in out.decode().split("\0") if name}
 
 
-def shippable(path: Path) -> bool:
-    parts = set(path.relative_to(ROOT).parts)
-    return path.is_file() and not EXCLUDED_PARTS & parts and path.suffix.lower() not in EXCLUDED_SUFFIXES
+def shippable(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts
+    unwanted = any(p in EXCLUDED_PARTS or p.startswith(".") or p.endswith(".egg-info") for p in parts)
+    return path.is_file() and not unwanted and path.suffix.lower() not in EXCLUDED_SUFFIXES
 
 
-def build(target: Path) -> Path:
-    """Write the plugin zip to ``target`` (via a temporary name: never a half-written zip)."""
-    tracked = tracked_files()
+def build(target: Path, root: Path = ROOT) -> Path:
+    """Write the plugin zip of the checkout ``root`` to ``target`` (via a temporary name: never half-written)."""
+    tracked = tracked_files(root)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for source, dest in CONTENT:
-            base = ROOT / source
+            base = root / source
             candidates = base.rglob("*") if base.is_dir() else [base]
-            files = sorted(p for p in candidates if (tracked is None or p in tracked) and shippable(p))
+            files = sorted(p for p in candidates if (tracked is None or p in tracked) and shippable(p, root))
             if not files:
                 sys.exit(f"nothing to ship under {source}: is it ignored by git?")
             for path in files:

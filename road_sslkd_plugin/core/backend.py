@@ -1,9 +1,10 @@
 """Finding the backend interpreter, and "Set up backend": a venv in the profile folder with pip.
 
-Search order: the user's setting (``road_sslkd/backend/python``), the project's ``.venv-backend`` next to
-the plugin folder in a development checkout, then the venv the plugin manages in the user's profile
-folder (``<QGIS settings dir>/road_sslkd/venv``). A candidate counts once ``import road_sslkd`` works in
-it: the plugin never imports the backend (nor torch) itself.
+Search order: ``ROAD_SSLKD_BACKEND_PYTHON``, the user's setting (``road_sslkd/backend/python``), the
+project's ``.venv-backend`` next to the plugin folder in a development checkout, then the venv the plugin
+manages in the user's profile folder (``<QGIS settings dir>/road_sslkd/venv``). A candidate counts once
+``import road_sslkd`` works in it and no set-up of its venv was cut short: the plugin never imports the
+backend (nor torch) itself.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ PLUGIN_DIR = Path(__file__).resolve().parent.parent
 WINDOWS = sys.platform.startswith("win")
 PROBE_CODE = "import road_sslkd, sys; sys.stdout.write(road_sslkd.__version__)"
 BACKEND_PYTHON_VARIABLE = "ROAD_SSLKD_BACKEND_PYTHON"  # a backend interpreter for headless use
+# A Python that can make the backend's venv: it runs, has venv, and is one the backend supports.
+BASE_PYTHON_CHECK = "import sys, venv; sys.exit(sys.version_info < (3, 9))"
+# What pip prints when it cannot reach an index: offline, DNS, proxy, firewall, TLS interception.
+NETWORK_ERRORS = (
+    "NewConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ProxyError",
+    "SSLError",
+    "Temporary failure in name resolution",
+    "getaddrinfo failed",
+)
+OFFLINE_HINT = (
+    "pip could not reach the package index: no internet connection, or a proxy or firewall in the way. "
+    "Connect and set up again, or give a proxy or mirror in Extra pip arguments "
+    "(--proxy http://host:port, or --index-url https://mirror/simple)."
+)
+CANCELLED = "Set-up cancelled: the unfinished environment is not used, and the next set-up rebuilds it."
 
 
 def venv_python(venv: Path) -> Path:
@@ -37,6 +56,11 @@ def venv_python(venv: Path) -> Path:
 def managed_venv_dir() -> Path:
     """The venv "Set up backend" creates: in the user's QGIS profile, so it survives plugin updates."""
     return Path(QgsApplication.qgisSettingsDirPath()) / "road_sslkd" / "venv"
+
+
+def setup_marker(venv: Path) -> Path:
+    """Lies next to ``venv`` while "Set up backend" changes it and stays when that was cut short."""
+    return venv.parent / f"{venv.name}.unfinished"
 
 
 def checkout_venv_dir(plugin_dir: Path = PLUGIN_DIR) -> Path:
@@ -139,9 +163,13 @@ class BackendLocator:
     def find(self) -> BackendStatus:
         status = BackendStatus()
         for candidate in self.candidates():
-            if candidate.source not in ("environment", "setting") and not Path(candidate.python).is_file():
+            venv = Path(candidate.python).parent.parent
+            if candidate.source not in ("environment", "setting") and not venv.is_dir():
                 continue  # absent default places are normal, not worth a note
-            version, problem = probe(candidate.python)
+            if setup_marker(venv).exists():  # pip was killed mid-way: road_sslkd may import, torch be half there
+                version, problem = "", "its set-up did not finish: Set up backend again"
+            else:
+                version, problem = probe(candidate.python)
             if problem:
                 status.notes.append(f"{SOURCE_NAMES[candidate.source]} ({candidate.python}): {problem}")
                 continue
@@ -172,29 +200,48 @@ def probe(python: str, timeout: float = 60.0) -> tuple[str, str]:
     return result.stdout.strip(), ""
 
 
+def python_runs(python: str) -> bool:
+    """``python`` starts, has venv, and is 3.9 or newer (a venv's python whose base is gone does not start)."""
+    try:
+        result = subprocess.run(
+            [python, "-c", BASE_PYTHON_CHECK],
+            capture_output=True,
+            timeout=60,
+            env=clean_environment(os.environ),
+            creationflags=hidden_window_flags(),
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
+
+
 def base_python_candidates() -> list[str]:
-    """Interpreters that can create the managed venv: the setting, QGIS's own Python, then PATH."""
+    """The interpreter that creates the managed venv, as a list of one (none when nothing runs).
+
+    Tried in order: the setting, QGIS's own Python, then PATH. Each is run, so a bundled interpreter that
+    cannot run outside QGIS (recent macOS bundles) is passed over; the search stops at the first that
+    runs (on macOS, running /usr/bin/python3 without the developer tools opens their installer).
+    """
     names = []
     configured = str(settings.user_value(settings.BASE_PYTHON_KEY, "") or "")
     if configured:
         names.append(configured)
-    # Inside QGIS sys.executable is often the qgis binary itself, so look next to the prefix as well.
+    # Inside QGIS sys.executable is often the qgis binary itself, so look next to the prefix as well,
+    # and in Contents/MacOS/bin next to the QGIS.app binary.
     names += [
         sys.executable,
         getattr(sys, "_base_executable", ""),
         os.path.join(sys.exec_prefix, "python.exe" if WINDOWS else "bin/python3"),
         os.path.join(sys.base_exec_prefix, "python.exe" if WINDOWS else "bin/python3"),
+        os.path.join(os.path.dirname(sys.executable), "bin", "python3"),
         shutil.which("python3") or "",
         shutil.which("python") or "",
     ]
-    seen, usable = set(), []
     for name in names:
-        if not name or name in seen:
-            continue
-        seen.add(name)
-        if Path(name).is_file() and Path(name).name.lower().startswith("python"):
-            usable.append(name)
-    return usable
+        if name and Path(name).is_file() and Path(name).name.lower().startswith("python") and python_runs(name):
+            return [name]
+    return []
 
 
 def has_nvidia_gpu() -> bool:
@@ -206,7 +253,12 @@ class BackendInstaller(QObject):
     """Creates the managed venv and pip-installs the backend into it, one QProcess step after another.
 
     Signals: ``step(text)`` for the progress label, ``log(line)`` for every output line,
-    ``finished(ok, message)`` at the end; on failure the message holds the tail of pip's output.
+    ``finished(ok, message)`` at the end; on failure the message's first line says what happened (and the
+    fix, where pip could not reach its index) and the rest holds the tail of the output.
+
+    ``setup_marker(venv_dir)`` exists from ``start()`` until pip ends by itself (pip undoes a failed
+    install): after a cancel, a crash or a failed ``venv`` step the locator skips the venv and the next
+    set-up rebuilds it from scratch.
     """
 
     step = pyqtSignal(str)
@@ -232,13 +284,18 @@ class BackendInstaller(QObject):
         self.process: Optional[QProcess] = None
         self._steps: list[tuple[str, str, list[str]]] = []
         self._buffer = b""
+        self._cancelled = False
+        self._offline = False
 
     def plan(self) -> list[tuple[str, str, list[str]]]:
-        """(label, program, arguments) of each step; ``python -m venv`` is skipped for an existing venv."""
+        """(label, program, arguments) of each step, pip last; a venv that works and is whole is reused."""
         python = str(venv_python(self.venv_dir))
         steps = []
-        if not Path(python).is_file():
-            steps.append(("Creating the virtual environment", self.base_python, ["-m", "venv", str(self.venv_dir)]))
+        if setup_marker(self.venv_dir).exists() or not python_runs(python):
+            # --clear: otherwise venv keeps a python whose base is gone, and a killed pip's half packages
+            steps.append(
+                ("Creating the virtual environment", self.base_python, ["-m", "venv", "--clear", str(self.venv_dir)])
+            )
         steps.append(
             (
                 "Installing the backend with pip (PyTorch is large: this can take a while)",
@@ -258,15 +315,29 @@ class BackendInstaller(QObject):
         return steps
 
     def start(self) -> None:
+        """Run the plan; ``finished`` tells the outcome. Refused while a set-up is running."""
+        if self.is_running():
+            raise RuntimeError("the backend set-up is already running")
         self._steps = self.plan()
+        self._cancelled = self._offline = False
+        marker = setup_marker(self.venv_dir)
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError as exc:
+            self._steps = []
+            self.finished.emit(False, f"Cannot write in {marker.parent}: {exc}")
+            return
         self._next()
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.state() != QProcess.ProcessState.NotRunning
 
     def cancel(self) -> None:
+        """Kill the running step; ``finished(False, CANCELLED)`` follows."""
         self._steps = []
         if self.is_running():
+            self._cancelled = True
             self.process.kill()
 
     def _next(self) -> None:
@@ -302,6 +373,8 @@ class BackendInstaller(QObject):
                 continue
             self.tail.append(line)
             self.log.emit(line)
+            # Remembered here: pip's connection errors scroll out of the tail before it gives up.
+            self._offline = self._offline or any(error in line for error in NETWORK_ERRORS)
             if line.startswith(("Collecting ", "Installing collected packages", "Building wheel")):
                 self.step.emit(line[:90])
 
@@ -312,11 +385,16 @@ class BackendInstaller(QObject):
 
     def _step_finished(self, exit_code: int, exit_status: QProcess.ExitStatus) -> None:
         self._read()
-        if exit_status != QProcess.ExitStatus.NormalExit or exit_code != 0:
-            if not self._steps and self.process.error() == QProcess.ProcessError.FailedToStart:
-                return  # already reported by _error
-            output = "\n".join(self.tail)
+        if self._cancelled:
+            self.finished.emit(False, CANCELLED)
+            return
+        normal = exit_status == QProcess.ExitStatus.NormalExit
+        if normal and not self._steps:  # pip ended by itself: installed, or rolled back what it began
+            setup_marker(self.venv_dir).unlink(missing_ok=True)
+        if not normal or exit_code != 0:
             self._steps = []
-            self.finished.emit(False, f"{Path(self.process.program()).name} failed (exit code {exit_code}):\n{output}")
+            failed = f"{Path(self.process.program()).name} failed (exit code {exit_code}):"
+            summary = OFFLINE_HINT if self._offline else failed
+            self.finished.emit(False, summary + "\n" + "\n".join(self.tail))
             return
         self._next()

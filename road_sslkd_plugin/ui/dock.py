@@ -49,6 +49,7 @@ from qgis.PyQt.QtWidgets import (
 from ..compat import QAction
 from ..core import settings
 from ..core.backend import (
+    CANCELLED,
     SOURCE_NAMES,
     BackendInstaller,
     BackendLocator,
@@ -147,7 +148,8 @@ class SetupDialog(QDialog):
             "touched. Setting it up will:</p><ul>"
             f"<li>create a virtual environment in <code>{venv_dir}</code></li>"
             f"<li>install the backend from <code>{source_dir}</code> with pip, downloading PyTorch and the "
-            "other dependencies (about 2 to 3 GB; needs internet access or a pip mirror)</li></ul>"
+            "other dependencies (about 2 to 3 GB; needs internet access, or a proxy or pip mirror given in "
+            "Extra pip arguments below)</li></ul>"
             "<p>Nothing else on your computer changes; deleting that folder removes it all.</p>",
             self,
         )
@@ -845,7 +847,9 @@ class RoadSSLKDDock(QgsDockWidget):
         gpu: bool = False,
         pip_args: Optional[list[str]] = None,
     ) -> None:
-        """Run the set-up without asking (the consent dialog calls this; so do tests)."""
+        """Run the set-up without asking (the consent dialog calls this; so do tests); nothing while one runs."""
+        if self.installer is not None and self.installer.is_running():
+            return
         source = source_dir or backend_source_dir(self.locator.plugin_dir)
         base = base_python or (base_python_candidates() or [""])[0]
         self.installer = BackendInstaller(venv_dir or managed_venv_dir(), source, base, gpu, pip_args, self)
@@ -864,6 +868,8 @@ class RoadSSLKDDock(QgsDockWidget):
         self.setup_progress.hide()
         if ok:
             self.notify(message)
+        elif message == CANCELLED:  # the user's choice, not a failure
+            self.notice.show_message(_escape(message), "info")
         else:
             summary, *output = message.splitlines() or [""]
             tail = "\n".join(output[-15:])

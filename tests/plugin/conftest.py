@@ -93,3 +93,15 @@ def add_demo_layers(project: QgsProject, demo_dir: Path) -> dict:
         assert layer.isValid(), name
     project.addMapLayers(list(layers.values()))
     return layers
+
+
+@pytest.fixture
+def own_pip(monkeypatch):
+    """pip sees no configuration of this machine (local wheel folders, timeouts) and retries once.
+
+    One retry, not none: pip names a connection error only in its "Retrying" warnings.
+    """
+    for key in [k for k in os.environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_RETRIES", "1")

@@ -1,6 +1,8 @@
 """The dock panel with real layers, settings, backend states and real subprocesses."""
 
 import json
+import select
+import socket
 import sys
 import time
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
 from qgis.PyQt.QtCore import Qt
+from test_backend_setup import write_backend
 from test_layers import XYZ, line_layer, write_raster
 
 from conftest import REPO, needs_backend, wait_until
@@ -246,6 +249,24 @@ def test_set_up_backend_reports_pip_failures(make_dock, tmp_path):
     assert "Setting up the backend failed" in text and "exit code" in text
     assert "TOMLDecodeError" in text and "TOMLDecodeError" in dock.log.toPlainText()  # pip's own words
     assert (tmp_path / "venv").is_dir()  # the venv step ran; pip's step failed
+    assert dock.setup_button.isEnabled() and not dock.backend.found
+
+
+def test_set_up_backend_runs_once_and_a_cancel_is_no_failure(make_dock, tmp_path, own_pip):
+    """A second Set up while pip runs is ignored; Cancel says the set-up was cancelled, not that it failed."""
+    source = write_backend(tmp_path / "backend", "2.0", dependency="torch")
+    dock = make_dock(missing_backend(tmp_path))
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # an index that never answers: pip waits on it
+        index = ["--index-url", f"http://127.0.0.1:{silent.getsockname()[1]}"]
+        dock.start_backend_setup(tmp_path / "venv", source, sys.executable, pip_args=index)
+        first = dock.installer
+        assert wait_until(lambda: select.select([silent], [], [], 0)[0], 120), "pip never asked the index"
+        dock.start_backend_setup(tmp_path / "venv", source, sys.executable, pip_args=index)
+        assert dock.installer is first and first.is_running()
+        dock.cancel()
+        assert wait_until(lambda: dock.installer is None, 60)
+    text = dock.notice.text.text()
+    assert "Set-up cancelled" in text and "failed" not in text
     assert dock.setup_button.isEnabled() and not dock.backend.found
 
 

@@ -8,8 +8,10 @@ what the zip holds: the script asserts that the plugin and the ONNX engine are i
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -133,6 +135,15 @@ def plugin_zip(tmp_path_factory) -> Path:
     return target
 
 
+def leftovers(names: list[str]) -> list[str]:
+    """Entries that do not belong in the plugin zip: caches, bytecode, data, hidden files, build output."""
+    return [
+        name for name in names
+        if "__pycache__" in name or name.endswith((".pyc", ".onnx", ".pt", ".tif", ".tmp", ".partial.tif"))
+        or "/." in name or ".egg-info" in name or name.split("/")[1] in ("tests", "docs", "demo", "runs", "dist")
+    ]
+
+
 def test_zip_holds_the_plugin_and_nothing_else(plugin_zip):
     with zipfile.ZipFile(plugin_zip) as archive:
         names = archive.namelist()
@@ -148,12 +159,7 @@ def test_zip_holds_the_plugin_and_nothing_else(plugin_zip):
         "backend/src/road_sslkd/onnx_runtime.py", "backend/src/road_sslkd/engine.py",
     ):
         assert needed in files, needed
-    leftovers = [
-        name for name in names
-        if "__pycache__" in name or name.endswith((".pyc", ".onnx", ".pt", ".tif", ".tmp", ".partial.tif"))
-        or "/." in name or ".egg-info" in name or name.split("/")[1] in ("tests", "docs", "demo", "runs", "dist")
-    ]
-    assert not leftovers, leftovers
+    assert not leftovers(names), leftovers(names)
     general = meta["general"]
     for key in REQUIRED_METADATA:
         assert general.get(key, "").strip(), f"metadata.txt lacks {key}"
@@ -161,6 +167,25 @@ def test_zip_holds_the_plugin_and_nothing_else(plugin_zip):
     assert f"{general['icon']}" in files
     for key in ("repository", "tracker", "homepage"):
         assert general[key].startswith("https://"), key
+
+
+def test_a_source_tree_without_git_gives_the_same_clean_zip(tmp_path):
+    """An unpacked source archive has no git to ask what is tracked: the filters alone keep clutter out."""
+    root = tmp_path / "road-sslkd-source"
+    for folder in ("road_sslkd_plugin", "resources", "backend"):  # with the checkout's caches and egg-info
+        shutil.copytree(REPO / folder, root / folder)
+    for name in ("metadata.txt", "LICENSE"):
+        shutil.copy(REPO / name, root / name)
+    (root / "resources" / ".DS_Store").write_bytes(b"Bud1")
+    (root / "backend" / "src" / "road_sslkd.egg-info").mkdir(exist_ok=True)
+    (root / "backend" / "src" / "road_sslkd.egg-info" / "PKG-INFO").write_text("Name: road-sslkd\n")
+    spec = importlib.util.spec_from_file_location("build_zip", REPO / "scripts" / "build_zip.py")
+    build_zip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_zip)
+    with zipfile.ZipFile(build_zip.build(tmp_path / f"{PACKAGE}.zip", root)) as archive:
+        names = archive.namelist()
+    assert f"{PACKAGE}/backend/src/road_sslkd/engine.py" in names and f"{PACKAGE}/resources/icon.svg" in names
+    assert not leftovers(names), leftovers(names)
 
 
 def test_zip_installs_into_a_fresh_profile_and_loads_there(plugin_zip, tmp_path):
