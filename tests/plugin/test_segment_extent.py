@@ -75,6 +75,20 @@ def _run(segmenter: ExtentSegmenter, **kwargs) -> tuple:
     return results[0]
 
 
+def _segment_file(qgis_iface, project, path: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
+    """Add the raster ``path`` as a layer, segment all of it, and read the result's values and mask."""
+    layer = QgsRasterLayer(str(path), path.stem, "gdal")
+    project.addMapLayer(layer)
+    settings.set_user_value(FOLDER_KEY, str(path.parent / "out"))
+    _show(qgis_iface.mapCanvas(), layer.extent())
+    result, text = _run(ExtentSegmenter(qgis_iface), layer=layer, model_path=model)
+    assert result is not None, text
+    dataset = gdal.Open(result.source())
+    values, mask = dataset.GetRasterBand(1).ReadAsArray(), dataset.GetRasterBand(1).GetMaskBand().ReadAsArray()
+    dataset = None
+    return values, mask
+
+
 def _read(path: str) -> tuple[np.ndarray, tuple]:
     dataset = gdal.Open(path)
     values, transform = dataset.GetRasterBand(1).ReadAsArray(), dataset.GetGeoTransform()
@@ -248,15 +262,7 @@ def test_transparent_pixels_stay_masked(qgis_iface, project, data, tmp_path, mon
     if not in_process:
         monkeypatch.setattr(segment, "engine_available", lambda: False)
     pixels = make_raster(tmp_path / "rgba.tif", nodata_corner=False, transparency=transparency)
-    layer = QgsRasterLayer(str(tmp_path / "rgba.tif"), "rgba", "gdal")
-    project.addMapLayer(layer)
-    settings.set_user_value(FOLDER_KEY, str(tmp_path / "out"))
-    _show(qgis_iface.mapCanvas(), layer.extent())
-    result, text = _run(ExtentSegmenter(qgis_iface), layer=layer, model_path=str(data["model"]))
-    assert result is not None, text
-    dataset = gdal.Open(result.source())
-    values, mask = dataset.GetRasterBand(1).ReadAsArray(), dataset.GetRasterBand(1).GetMaskBand().ReadAsArray()
-    dataset = None
+    values, mask = _segment_file(qgis_iface, project, tmp_path / "rgba.tif", str(data["model"]))
     assert (mask[:, :10] == 0).all() and (mask[:, 10:] == 255).all()
     assert np.abs(values[:, 10:].astype(int) - expected_probability(pixels[0][:, 10:])).max() <= 1
 
@@ -352,14 +358,6 @@ def test_a_fourth_band_is_imagery_not_alpha_for_the_backend(qgis_iface, project,
     dataset = gdal.Open(str(tmp_path / "rgbn.tif"), gdal.GA_Update)
     dataset.GetRasterBand(4).WriteArray(np.zeros((100, 10), np.uint8))  # no infrared light (water, shadow)
     dataset = None
-    layer = QgsRasterLayer(str(tmp_path / "rgbn.tif"), "rgbn", "gdal")
-    project.addMapLayer(layer)
-    settings.set_user_value(FOLDER_KEY, str(tmp_path / "out"))
-    _show(qgis_iface.mapCanvas(), layer.extent())
-    result, text = _run(ExtentSegmenter(qgis_iface), layer=layer, model_path=str(data["model"]))
-    assert result is not None, text
-    dataset = gdal.Open(result.source())
-    values, mask = dataset.GetRasterBand(1).ReadAsArray(), dataset.GetRasterBand(1).GetMaskBand().ReadAsArray()
-    dataset = None
+    values, mask = _segment_file(qgis_iface, project, tmp_path / "rgbn.tif", str(data["model"]))
     assert (mask == 255).all()
     assert np.abs(values.astype(int) - expected_probability(pixels[0])).max() <= 1
