@@ -142,6 +142,11 @@ class ExtentSegmenter(QObject):
         self._model: Any = None
         self._model_key: tuple[str, float] = ("", 0.0)
         self.closed = False
+        self._left_project = False  # another project was opened (or a new one begun) while a task ran
+        QgsProject.instance().cleared.connect(self._project_cleared)
+
+    def _project_cleared(self) -> None:
+        self._left_project = self.task is not None
 
     # ----------------------------------------------------------------- choices
     def model_path(self) -> str:
@@ -204,6 +209,8 @@ class ExtentSegmenter(QObject):
             self._message(warning, Qgis.MessageLevel.Warning)
         name = layer.name()
         description = f"Road SSLKD: segmenting {name} ({window.width} x {window.height} px)"
+        folder = output_folder(project)  # the run's project's, even if another one is open when it ends
+        self._left_project = False
 
         def done(result: Any, error: str) -> None:
             self.task = None
@@ -211,7 +218,7 @@ class ExtentSegmenter(QObject):
                 if not self.closed:
                     for warning in late:
                         self._message(warning, Qgis.MessageLevel.Warning)
-                    self._finish(result, error, layer.name() if not _deleted(layer) else name, window)
+                    self._finish(result, error, layer.name() if not _deleted(layer) else name, window, folder)
             finally:
                 if isinstance(result, str):  # the backend's scratch folder, whether its file was placed or not
                     shutil.rmtree(os.path.dirname(result), ignore_errors=True)
@@ -277,16 +284,15 @@ class ExtentSegmenter(QObject):
 
         return work, window, ["onnxruntime is not available in QGIS's Python: using the backend (road-sslkd predict)"]
 
-    def _finish(self, result: Any, error: str, name: str, window: segment.ReadWindow) -> None:
+    def _finish(self, result: Any, error: str, name: str, window: segment.ReadWindow, folder: str) -> None:
         if result is None:
             text = f"Segmentation failed: {error}" if error else "Segmentation cancelled."
             self._message(text, Qgis.MessageLevel.Critical if error else Qgis.MessageLevel.Info)
             self.finished.emit(None, text)
             return
-        project = QgsProject.instance()
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
         safe = re.sub(r"[^\w.-]+", "_", name).strip("_") or "layer"
-        path = os.path.join(output_folder(project), f"roads_{safe}_{stamp}.tif")
+        path = os.path.join(folder, f"roads_{safe}_{stamp}.tif")
         try:
             if isinstance(result, str):  # the backend's file
                 segment.place_file(result, path)
@@ -297,7 +303,12 @@ class ExtentSegmenter(QObject):
             self._message(text, Qgis.MessageLevel.Critical)
             self.finished.emit(None, text)
             return
-        layer = self.add_result(project, path, f"Roads — {name}")
+        if self._left_project:  # its result must not land in (nor replace a result of) another project
+            text = f"Roads segmented in {name}: {path} (not added to the map: another project was opened meanwhile)"
+            self._message(text, Qgis.MessageLevel.Info)
+            self.finished.emit(None, text)
+            return
+        layer = self.add_result(QgsProject.instance(), path, f"Roads — {name}")
         text = f"Roads segmented in {name}: {path}"
         self._message(text, Qgis.MessageLevel.Success)
         self.finished.emit(layer, text)

@@ -355,3 +355,20 @@ def test_a_fourth_band_is_imagery_not_alpha_for_the_backend(qgis_iface, project,
     values, mask = _segment_file(qgis_iface, project, tmp_path / "rgbn.tif", str(data["model"]))
     assert (mask == 255).all()
     assert np.abs(values.astype(int) - expected_probability(pixels[0])).max() <= 1
+
+
+def test_a_result_finished_after_another_project_opened_stays_out_of_it(qgis_iface, scene, data, tmp_path):
+    """The project is cleared while the task runs: the GeoTIFF is written where the run's project put it,
+    and no layer is added to (or replaced in) the project now open."""
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    segmenter = ExtentSegmenter(qgis_iface)
+    results = []
+    segmenter.finished.connect(lambda layer, text: results.append((layer, text)))
+    assert segmenter.run(model_path=str(data["model"]))
+    QgsProject.instance().clear()  # before the task's end reaches the main thread: no event was processed
+    assert wait_until(lambda: results, 60)
+    layer, text = results[0]
+    assert layer is None and "another project was opened meanwhile" in text, text
+    written = list((tmp_path / "out").glob("roads_scene_*.tif"))
+    assert len(written) == 1 and str(written[0]) in text
+    assert not QgsProject.instance().mapLayers()
