@@ -35,6 +35,7 @@ WKT_PREFERRED_GDAL = qgis_enum("Qgis.CrsWktVariant.PreferredGdal",
                                "QgsCoordinateReferenceSystem.WktVariant.WKT_PREFERRED_GDAL")
 TASK_CAN_CANCEL = qgis_enum("Qgis.TaskFlag.CanCancel", "QgsTask.Flag.CanCancel")
 SOURCE_RASTER = qgis_enum("Qgis.ProcessingSourceType.Raster", "QgsProcessing.SourceType.TypeRaster")
+SOURCE_VECTOR_LINE = qgis_enum("Qgis.ProcessingSourceType.VectorLine", "QgsProcessing.SourceType.TypeVectorLine")
 SOURCE_MAP_LAYER = qgis_enum("Qgis.ProcessingSourceType.MapLayer", "QgsProcessing.SourceType.TypeMapLayer")
 NUMBER_INTEGER = qgis_enum("Qgis.ProcessingNumberParameterType.Integer", "QgsProcessingParameterNumber.Type.Integer")
 NUMBER_DOUBLE = qgis_enum("Qgis.ProcessingNumberParameterType.Double", "QgsProcessingParameterNumber.Type.Double")

@@ -1,6 +1,7 @@
 """The plugin's Processing provider (id ``road_sslkd``): registered and removed with the plugin.
 
-Algorithms live in ``algorithms/``: ``road_sslkd:segment_roads``, ``road_sslkd:train``, ``road_sslkd:evaluate``.
+Algorithms live in ``algorithms/``: ``road_sslkd:segment_roads``, ``road_sslkd:train``,
+``road_sslkd:resume_training``, ``road_sslkd:evaluate``.
 """
 
 from __future__ import annotations
@@ -37,3 +38,6 @@ class RoadSSLKDProvider(QgsProcessingProvider):
     def supportedOutputRasterLayerExtensions(self) -> list[str]:  # noqa: N802 - QGIS override
         # The algorithms write GeoTIFF only: the file dialog then offers no other format.
         return ["tif", "tiff"]
+
+    def supportedOutputVectorLayerExtensions(self) -> list[str]:  # noqa: N802 - QGIS override
+        return ["gpkg"]  # the backend writes centrelines as GeoPackage only

@@ -25,16 +25,19 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterVectorDestination,
     QgsRasterLayer,
 )
 
-from ..compat import FILE_ONLY, NUMBER_DOUBLE
+from ..compat import FILE_ONLY, NUMBER_DOUBLE, SOURCE_VECTOR_LINE
 from ..core import segment, settings
 from ..core.layers import describe, writable_folder_problem
 from .base import RoadAlgorithm, advanced
 
 MAX_PIXELS = 250_000_000  # read into memory at most (here, or copied for the backend); whole files stream
-GEOTIFF = (".tif", ".tiff")  # what both paths write, whatever name the output is given
+# What each output is written as, whatever name it is given: (extensions, format name).
+GEOTIFF = ((".tif", ".tiff"), "GeoTIFF")
+FORMATS = {"OUTPUT": GEOTIFF, "MASK": GEOTIFF, "CENTRELINES": ((".gpkg",), "GeoPackage")}
 BACKEND_OPTIONS = {"--bands": "BANDS"}  # `road-sslkd predict` options in the backend's messages -> parameters
 
 
@@ -63,6 +66,8 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
     TTA = "TTA"
     OUTPUT = "OUTPUT"
     MASK = "MASK"
+    CENTRELINES = "CENTRELINES"
+    SPUR = "SPUR_LENGTH"
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,6 +96,9 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             "It must not be the input layer's file.<br>"
             "<b>Road mask</b>: optional GeoTIFF (.tif); 1 = road where the probability reaches the threshold "
             "(default: the model's seg_thresh).<br>"
+            "<b>Road centrelines</b>: optional GeoPackage (.gpkg) of road centre lines with their length_m: the "
+            "skeleton of the road mask (same threshold), spurs shorter than the advanced <i>spur length</i> "
+            "(metres) pruned. Made by the backend's <tt>road-sslkd centrelines</tt>, so it needs the backend.<br>"
             "<b>Average 8 flips and rotations</b> (advanced): test-time augmentation, 8 times the time; about "
             "2 IoU points on the CIL 2016 benchmark.<br><br>"
             "Runs in QGIS when its Python has onnxruntime: the layer is read at the model's ground resolution and "
@@ -131,6 +139,12 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         self.addParameter(
             QgsProcessingParameterRasterDestination(self.MASK, "Road mask", optional=True, createByDefault=False)
         )
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.CENTRELINES, "Road centrelines", SOURCE_VECTOR_LINE, optional=True, createByDefault=False
+        ))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            self.SPUR, "Centreline spur length to prune (metres)", NUMBER_DOUBLE, defaultValue=10.0, minValue=0.0
+        )))
 
     # ------------------------------------------------------------------ run
     def prepareAlgorithm(
@@ -158,13 +172,20 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)  # in range: Processing checks
         self._tta = self.parameterAsBoolean(parameters, self.TTA, context)
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        mask_output = ""
-        if _given(parameters, self.MASK):
-            mask_output = self.parameterAsOutputLayer(parameters, self.MASK, context)
-        outputs = {self.OUTPUT: output, **({self.MASK: mask_output} if mask_output else {})}
-        problem = _output_problem(outputs, describe(layer).path)
+        optional = {name: self.parameterAsOutputLayer(parameters, name, context)
+                    for name in (self.MASK, self.CENTRELINES) if _given(parameters, name)}
+        mask_output = optional.get(self.MASK, "")
+        lines_output = optional.get(self.CENTRELINES, "")
+        problem = _output_problem({self.OUTPUT: output, **optional}, describe(layer).path)
         if problem:
             raise QgsProcessingException(problem)
+        if lines_output:
+            from ..core.cli import backend_command
+
+            try:
+                backend_command()  # before any work: the centrelines need it at the end
+            except RuntimeError as exc:
+                raise QgsProcessingException(f"CENTRELINES are made by the backend: {exc}") from exc
         try:
             if segment.engine_available():
                 threshold = self._in_process(layer, model_path, extent, bands, threshold, output, mask_output, feedback)
@@ -182,6 +203,16 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
         if mask_output:
             results[self.MASK] = mask_output
             self._styles[os.path.normpath(mask_output)] = True
+        if lines_output:
+            feedback.pushInfo(f"Centrelines of the road mask at threshold {threshold:g}")
+            spur = self.parameterAsDouble(parameters, self.SPUR, context)
+            try:
+                if not segment.centrelines_with_backend(output, lines_output, threshold, spur, feedback.isCanceled,
+                                                        feedback.pushDebugInfo):
+                    return {}
+            except segment.SegmentError as exc:
+                raise QgsProcessingException(f"CENTRELINES: {exc}") from exc
+            results[self.CENTRELINES] = lines_output
         return results
 
     def _in_process(
@@ -297,21 +328,24 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _output_problem(outputs: dict[str, str], source: Optional[str]) -> str:
-    """Why the output files (parameter -> path) cannot be written, before any work: not GeoTIFF names, an
-    unwritable folder, the input layer's own file or both outputs in one file; '' when they can."""
+    """Why the output files (parameter -> path) cannot be written, before any work: names not of their format
+    (FORMATS), an unwritable folder, the input layer's own file or two outputs in one file; '' when they can."""
     for name, path in outputs.items():
         base, extension = os.path.splitext(path)
-        if extension.lower() not in GEOTIFF:
-            return (f"{name} {path} is not a GeoTIFF name: the output is a GeoTIFF, so give it the .tif "
-                    f"extension ({os.path.basename(base)}.tif)")
+        extensions, kind = FORMATS[name]
+        if extension.lower() not in extensions:
+            return (f"{name} {path} is not a {kind} name: the output is a {kind}, so give it the {extensions[0]} "
+                    f"extension ({os.path.basename(base)}{extensions[0]})")
         folder = writable_folder_problem(os.path.dirname(os.path.abspath(path)))
         if folder:
             return f"{name}: {folder}"
         if source and _same_file(path, source):
             return f"{name} is the input layer's file {source}: writing it would destroy the image; choose another file"
-    if len(outputs) == 2 and _same_file(*outputs.values()):
-        (first, path), (second, _) = outputs.items()
-        return f"{first} and {second} are both {path}: the second would replace the first; choose two files"
+    named = list(outputs.items())
+    for index, (first, path) in enumerate(named):
+        for second, other in named[index + 1:]:
+            if _same_file(path, other):
+                return f"{first} and {second} are both {path}: the second would replace the first; choose two files"
     return ""
 
 

@@ -446,6 +446,32 @@ def predict_with_backend(
     return produced
 
 
+def centrelines_with_backend(
+    probability: str,
+    out_path: str,
+    threshold: float,
+    spur_m: float,
+    cancelled: Optional[Callable[[], bool]] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> bool:
+    """``road-sslkd centrelines``: road centre lines of a probability GeoTIFF into the GeoPackage ``out_path``
+    (the vectorisation of ``predict --vector``, which needs the backend's scikit-image and shapely). Blocking;
+    False if cancelled."""
+    from .cli import run_backend
+
+    args = ["centrelines", probability, "--out", out_path, "--threshold", repr(float(threshold)),
+            "--spur-length", repr(float(spur_m)), "--overwrite"]
+    try:
+        result = run_backend(args, None, log, cancelled)
+    except (RuntimeError, OSError) as exc:
+        raise SegmentError(str(exc), "road centrelines are made by the backend: set it up in the dock") from exc
+    if cancelled is not None and cancelled():
+        return False
+    if not result.outcome.ok:
+        raise SegmentError(result.outcome.message, result.outcome.hint)
+    return True
+
+
 def binary_mask(probability: Any, threshold: float) -> Any:
     """Road (1) / background (0) at ``threshold`` (0..1), masked where the probability is."""
     import numpy as np

@@ -145,6 +145,37 @@ def test_cross_gives_four_arms_with_lengths(tmp_path, monkeypatch, strip_rows):
     assert 500_000 <= x0 < x1 <= 500_200 and 3_999_800 <= y0 < y1 <= 4_000_000
 
 
+def test_centrelines_command_vectorises_a_probability_raster(tmp_path):
+    """`road-sslkd centrelines`: the lines `predict --vector` writes, from a probability GeoTIFF made earlier."""
+    from road_sslkd import centrelines
+
+    parser = argparse.ArgumentParser()
+    centrelines.register(parser.add_subparsers())
+
+    def run(*argv) -> None:
+        args = parser.parse_args(["centrelines", *map(str, argv)])
+        args.func(args)
+
+    probability = tmp_path / "p.tif"
+    predict.predict_file(identity_model(tmp_path, 100.0), cross_raster(tmp_path), probability)
+    run(probability, "--out", tmp_path / "lines.gpkg", "--threshold", 0.5)
+    crs, lines, lengths = read_lines(tmp_path / "lines.gpkg")
+    assert crs == "EPSG:32633" and len(lines) == 4 and 370 < lengths.sum() < 410
+    with pytest.raises(UserError, match="exists") as err:
+        run(probability, "--out", tmp_path / "lines.gpkg")
+    assert "--overwrite" in err.value.hint
+    (tmp_path / "lines.gpkg").write_bytes(b"stale")
+    run(probability, "--out", tmp_path / "lines.gpkg", "--overwrite")
+    assert len(read_lines(tmp_path / "lines.gpkg")[1]) == 4
+    for argv, said in ((["--out", tmp_path / "lines.shp"], "not a GeoPackage name"),
+                       (["--out", tmp_path / "x.gpkg", "--threshold", 1.5], "outside")):
+        with pytest.raises(UserError, match=said):
+            run(probability, *argv)
+    with pytest.raises(UserError, match="cannot read raster"):
+        run(tmp_path / "missing.tif", "--out", tmp_path / "y.gpkg")
+    assert not (tmp_path / "x.gpkg").exists() and not (tmp_path / "y.gpkg").exists()
+
+
 def test_skeleton_paths_prune_short_spurs_only():
     skeleton = np.zeros((40, 40), bool)
     skeleton[20, 2:39] = True  # a road

@@ -22,6 +22,7 @@ from qgis.core import (
     QgsProcessingParameterDefinition,
     QgsProject,
     QgsRasterLayer,
+    QgsVectorLayer,
 )
 from segment_data import BACKEND_PYTHON, expected_probability, make_model, make_raster
 
@@ -133,6 +134,30 @@ def test_segment_roads_writes_probability_and_mask(processing, data, tmp_path):
     assert (binary[10:, 10:] == (values[10:, 10:] >= round(0.6 * 255))).all()
     layer = QgsRasterLayer(str(out), "p", "gdal")
     assert layer.crs().authid() == "EPSG:32633" and layer.extent() == QgsRasterLayer(str(data["raster"]), "s").extent()
+
+
+def test_segment_roads_writes_centrelines_with_the_backend(processing, data, tmp_path):
+    """CENTRELINES: the road mask's centre lines as a GeoPackage line layer (the backend vectorises them)."""
+    lines = tmp_path / "lines.gpkg"
+    result = processing.run(
+        "road_sslkd:segment_roads",
+        {"INPUT": str(data["raster"]), "MODEL": str(data["model"]), "OUTPUT": str(tmp_path / "prob.tif"),
+         "THRESHOLD": 0.6, "CENTRELINES": str(lines), "SPUR_LENGTH": 2.0},
+    )  # fmt: skip
+    assert result["CENTRELINES"] == str(lines)
+    layer = QgsVectorLayer(f"{lines}|layername=centrelines", "lines", "ogr")
+    assert layer.isValid() and layer.crs().authid() == "EPSG:32633" and layer.featureCount() >= 1
+    scene = QgsRasterLayer(str(data["raster"]), "s").extent()
+    total = sum(feature["length_m"] for feature in layer.getFeatures())
+    assert 20 < total < 2 * math.hypot(scene.width(), scene.height())  # the diagonal road, give or take spurs
+    assert scene.contains(layer.extent())
+    with pytest.raises(QgsProcessingException, match=r"CENTRELINES .*lines.shp is not a GeoPackage name"):
+        processing.run(
+            "road_sslkd:segment_roads",
+            {"INPUT": str(data["raster"]), "MODEL": str(data["model"]), "OUTPUT": str(tmp_path / "p2.tif"),
+             "CENTRELINES": str(tmp_path / "lines.shp")},
+        )  # fmt: skip
+    assert not (tmp_path / "p2.tif").exists()
 
 
 def test_segment_roads_averages_eight_views_back_in_place(processing, data, tmp_path):

@@ -28,6 +28,7 @@ COMMANDS = {
     "evaluate": ("road_sslkd.evaluate", "evaluate trained models of a run on test rasters"),
     "export": ("road_sslkd.export", "export a trained model of a run to ONNX"),
     "predict": ("road_sslkd.predict", "segment roads in rasters with an ONNX model"),
+    "centrelines": ("road_sslkd.centrelines", "road centrelines (GeoPackage) of a road probability GeoTIFF"),
     "pretrain": ("road_sslkd.pretrain", "learn encoder weights from the dataset's own imagery, for --weights"),
     "bench": ("road_sslkd.bench", "compare students and teachers on a dataset"),
     "ablate": ("road_sslkd.ablation", "retrain the SSLKD student with one setting changed per variant"),
