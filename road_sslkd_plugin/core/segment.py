@@ -197,16 +197,10 @@ def plan_window(
 
 # ---------------------------------------------------------------------------------------------- pixels
 def _dtypes() -> dict[Any, str]:
-    kinds = Qgis.DataType
-    return {
-        kinds.Byte: "uint8",
-        kinds.UInt16: "uint16",
-        kinds.Int16: "int16",
-        kinds.UInt32: "uint32",
-        kinds.Int32: "int32",
-        kinds.Float32: "float32",
-        kinds.Float64: "float64",
-    }
+    """QGIS raster data types -> numpy names (Int8 exists from QGIS 3.30, with GDAL 3.7's signed bytes)."""
+    names = {"Byte": "uint8", "Int8": "int8", "UInt16": "uint16", "Int16": "int16", "UInt32": "uint32",
+             "Int32": "int32", "Float32": "float32", "Float64": "float64"}
+    return {getattr(Qgis.DataType, kind): name for kind, name in names.items() if hasattr(Qgis.DataType, kind)}
 
 
 def _plural(count: int) -> str:
