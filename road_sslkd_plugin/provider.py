@@ -1,7 +1,7 @@
 """The plugin's Processing provider (id ``road_sslkd``): registered and removed with the plugin.
 
-Algorithms live in ``algorithms/``: ``road_sslkd:segment_roads``, ``road_sslkd:train``,
-``road_sslkd:resume_training``, ``road_sslkd:evaluate``.
+Algorithms live in ``algorithms/``: ``road_sslkd:segment_roads``, ``road_sslkd:centrelines``,
+``road_sslkd:train``, ``road_sslkd:resume_training``, ``road_sslkd:evaluate``.
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
                     for name in (self.MASK, self.CENTRELINES) if _given(parameters, name)}
         mask_output = optional.get(self.MASK, "")
         lines_output = optional.get(self.CENTRELINES, "")
-        problem = _output_problem({self.OUTPUT: output, **optional}, describe(layer).path)
+        problem = output_problem({self.OUTPUT: output, **optional}, describe(layer).path)
         if problem:
             raise QgsProcessingException(problem)
         if lines_output:
@@ -327,7 +327,7 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
-def _output_problem(outputs: dict[str, str], source: Optional[str]) -> str:
+def output_problem(outputs: dict[str, str], source: Optional[str]) -> str:
     """Why the output files (parameter -> path) cannot be written, before any work: names not of their format
     (FORMATS), an unwritable folder, the input layer's own file or two outputs in one file; '' when they can."""
     for name, path in outputs.items():

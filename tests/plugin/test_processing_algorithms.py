@@ -158,6 +158,12 @@ def test_segment_roads_writes_centrelines_with_the_backend(processing, data, tmp
              "CENTRELINES": str(tmp_path / "lines.shp")},
         )  # fmt: skip
     assert not (tmp_path / "p2.tif").exists()
+    # The same lines from the probability raster alone (road_sslkd:centrelines), as the map action writes it.
+    again = tmp_path / "again.gpkg"
+    processing.run("road_sslkd:centrelines", {"INPUT": str(tmp_path / "prob.tif"), "THRESHOLD": 0.6,
+                                              "SPUR_LENGTH": 2.0, "CENTRELINES": str(again)})
+    layer_again = QgsVectorLayer(f"{again}|layername=centrelines", "again", "ogr")
+    assert sum(f["length_m"] for f in layer_again.getFeatures()) == pytest.approx(total)
 
 
 def test_segment_roads_averages_eight_views_back_in_place(processing, data, tmp_path):
@@ -361,8 +367,8 @@ def test_geographic_layer_is_read_on_the_backends_grid(processing, tmp_path):
 
 def test_algorithms_have_help_and_icons(processing):
     registry = QgsApplication.processingRegistry()
-    for algorithm_id in ("road_sslkd:segment_roads", "road_sslkd:train", "road_sslkd:resume_training",
-                         "road_sslkd:evaluate"):
+    for algorithm_id in ("road_sslkd:segment_roads", "road_sslkd:centrelines", "road_sslkd:train",
+                         "road_sslkd:resume_training", "road_sslkd:evaluate"):
         algorithm = registry.algorithmById(algorithm_id)
         assert algorithm is not None, algorithm_id
         assert len(algorithm.shortHelpString()) > 100 and not algorithm.icon().isNull()

@@ -216,7 +216,7 @@ def test_zip_installs_into_a_fresh_profile_and_loads_there(plugin_zip, tmp_path)
     assert report["engine"], "the ONNX engine bundled in the zip did not load"
     assert Path(report["engine_file"]).resolve().is_relative_to(installed / "backend" / "src")
     assert report["provider"]
-    assert {"road_sslkd:segment_roads", "road_sslkd:train", "road_sslkd:resume_training",
+    assert {"road_sslkd:segment_roads", "road_sslkd:centrelines", "road_sslkd:train", "road_sslkd:resume_training",
             "road_sslkd:evaluate"} <= set(report["algorithms"])
     assert report["toolbar"] == ["RoadSSLKDAction", "RoadSSLKDSegmentAction"]
     assert set(report["menu"]) == {
