@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from road_sslkd import losses
 from road_sslkd.baselines import SelfTrainingGate
-from road_sslkd.metrics import RoadMetrics
+from road_sslkd.metrics import RELAX_PIXELS, RoadMetrics, StripMetrics
 from road_sslkd.plots import PRAccumulator
 
 
@@ -139,6 +139,23 @@ def test_relaxed_f1_counts_misses_beyond_three_pixels():
     precision, recall = 1 / 2, 1.0
     assert m.relaxed_f1 == pytest.approx(2 * precision * recall / (precision + recall))
     assert m.iou == 0.0
+
+
+def test_strips_of_any_height_count_as_the_whole_raster():
+    """Relaxed hits across block borders, blocks thinner than the slack, nodata: the counts of one update."""
+    rng = np.random.default_rng(1)
+    pred, truth = rng.random((2, 60, 40)) < 0.04  # sparse: most relaxed hits come from other rows
+    valid = rng.random((60, 40)) > 0.2
+    whole = RoadMetrics()
+    whole.update(pred, truth, valid)
+    assert whole.relaxed_tp_pred > whole.tp
+    for heights in ([60], [1, 2, RELAX_PIXELS, 1, 20, 33], [RELAX_PIXELS] * 20, [57, 1, 1, 1]):
+        streamed = RoadMetrics()
+        strips = StripMetrics(streamed)
+        for start, stop in zip(np.cumsum([0, *heights[:-1]]), np.cumsum(heights)):
+            strips.add(pred[start:stop], truth[start:stop], valid[start:stop])
+        strips.close()
+        assert streamed == whole, heights
 
 
 def test_pr_histograms_give_the_iou_of_any_threshold():

@@ -1,8 +1,9 @@
-"""Evaluation on whole rasters with the project's sliding window (engine.predict_tiled), not on crops."""
+"""Evaluation on whole rasters with the project's sliding window (engine.predict_strips), not on crops."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -11,8 +12,8 @@ import torch
 
 from . import events
 from .data import DatasetSpec, Label, LabelledSet, Normalizer, Raster
-from .engine import dihedral, predict_tiled
-from .metrics import RoadMetrics
+from .engine import STRIP_PIXELS, dihedral, predict_strips, predict_tiled
+from .metrics import RoadMetrics, StripMetrics
 from .precision import autocast
 
 
@@ -40,20 +41,50 @@ def predict_raster(infer: Callable[[np.ndarray], np.ndarray], raster: Raster, no
 
 
 Observer = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
-"""``observe(index, probability, road, known)`` sees each evaluated raster (the benchmark's figures use it)."""
+"""``observe(index, probability, road, known)`` sees the rows of each evaluated raster (the benchmark's figures
+use it): once per strip, strips in row order, so a raster of one strip (up to STRIP_PIXELS) comes whole."""
+
+
+class _Scoring:
+    """One raster through engine.predict_strips: reads normalised rows, scores and observes the written ones."""
+
+    def __init__(self, raster: Raster, label: Label, normalizer: Normalizer, threshold: float,
+                 strips: StripMetrics, observe: Optional[Callable[[np.ndarray, np.ndarray, np.ndarray], None]]) -> None:
+        self.raster, self.label, self.normalizer, self.threshold = raster, label, normalizer, threshold
+        self.strips, self.observe = strips, observe
+        self.row_off, self.valid = 0, np.zeros((0, raster.width), bool)
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        image, self.valid = self.raster.read(y0, 0, y1 - y0, self.raster.width)
+        self.row_off = y0
+        return self.normalizer(image)
+
+    def write(self, y0: int, y1: int, prob: np.ndarray) -> None:
+        valid = self.valid[y0 - self.row_off : y1 - self.row_off]  # predict_strips writes inside the latest read
+        truth = self.label.read(y0, 0, y1 - y0, self.raster.width)
+        road, known = truth == 1, valid & (truth != 255)
+        self.strips.add(prob >= self.threshold, road, known)
+        if self.observe is not None:
+            self.observe(prob, road, known)
 
 
 def evaluate_items(infer: Callable[[np.ndarray], np.ndarray], items: list[tuple[Raster, Label]],
                    normalizer: Normalizer, tile: int, overlap_percent: int, threshold: float = 0.5,
-                   observe: Optional[Observer] = None) -> RoadMetrics:
+                   observe: Optional[Observer] = None, strip_pixels: int = STRIP_PIXELS) -> RoadMetrics:
+    """Road metrics of ``infer`` over whole rasters, each streamed in strips of about ``strip_pixels``.
+
+    Memory follows the strips, not the rasters: the sliding window blends tiles across strip borders as over
+    the whole raster (engine.predict_strips), and the counts are those of RoadMetrics.update on the whole raster.
+    """
     metrics = RoadMetrics()
+    overlap = tile * overlap_percent // 100
     for index, (raster, label) in enumerate(items):
-        prob, valid = predict_raster(infer, raster, normalizer, tile, overlap_percent)
-        truth = label.read(0, 0, raster.height, raster.width)
-        road, known = truth == 1, valid & (truth != 255)
-        metrics.update(prob >= threshold, road, known)
-        if observe is not None:
-            observe(index, prob, road, known)
+        seen = functools.partial(observe, index) if observe is not None else None
+        strips = StripMetrics(metrics)
+        scoring = _Scoring(raster, label, normalizer, threshold, strips, seen)
+        predict_strips(scoring.read, scoring.write, raster.height, raster.width, infer, tile, overlap, batch=4,
+                       strip_pixels=strip_pixels)
+        strips.close()
     return metrics
 
 

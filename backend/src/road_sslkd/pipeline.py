@@ -173,17 +173,17 @@ def _describe(run: RunDir, name: str, model: object, ctx: Context, test_items: l
     events.metric("threshold", threshold, stage=name)
     if test_items:
         events.progress("evaluate", 0, 1, model=name)
-        pr, examples = PRAccumulator(), []
+        pr, examples = PRAccumulator(), {}
 
         def observe(index: int, prob: np.ndarray, road: np.ndarray, known: np.ndarray) -> None:
             pr.update(prob, road, known)
-            if index < EXAMPLES:
-                examples.append(np.round(prob * 255).astype(np.uint8))
+            if index < EXAMPLES:  # a raster's strips come in row order: its rows are joined below
+                examples.setdefault(index, []).append(np.round(prob * 255).astype(np.uint8))
 
         values.update(evaluate_model(model, test_items, ctx.normalizer, cfg.tile, cfg.overlap, ctx.device,
                                      observe, threshold).summary())
         values["iou_at_0.5"] = pr.iou(0.5)
-        run.save_evaluation(name, pr, examples)
+        run.save_evaluation(name, pr, [np.concatenate(rows) for rows in examples.values()])
         for key in ("iou", "f1"):
             events.metric(f"test_{key}", values[key], stage=name)
     run.update_metrics(name, values)
