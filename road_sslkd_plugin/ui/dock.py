@@ -535,9 +535,14 @@ class RoadSSLKDDock(QgsDockWidget):
         self.open_folder_button = QPushButton(theme_icon("/mActionFileOpen.svg"), "Folder", page)
         self.open_folder_button.setToolTip("Open the run folder (ONNX model, metrics, report, checkpoints)")
         self.open_folder_button.clicked.connect(self.open_run_folder)
+        self.open_run_button = QPushButton("Open run…", page)
+        self.open_run_button.setToolTip("Show another run folder here (from Processing, the command line or another "
+                                        "machine): its results, or Resume when it did not finish")
+        self.open_run_button.clicked.connect(self.choose_run)
         buttons.addWidget(self.use_button, 1)
         buttons.addWidget(self.report_button)
         buttons.addWidget(self.open_folder_button)
+        buttons.addWidget(self.open_run_button)
         layout.addLayout(buttons)
         self.report = QTextBrowser(page)
         self.report.setOpenExternalLinks(True)
@@ -1226,6 +1231,39 @@ class RoadSSLKDDock(QgsDockWidget):
         dialog.resize(900, 640)
         dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         dialog.show()
+
+    def choose_run(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a Road SSLKD run folder",
+                                                  self.run_dir or default_output_folder())
+        if folder:
+            self.open_run(folder)
+
+    def open_run(self, folder: str) -> bool:
+        """Make the run in ``folder`` this project's run: its results when it finished, else Resume."""
+        if self.runner.is_running():
+            self.show_problems(["A training is running: open another run once it has finished or been cancelled."],
+                               "warning")
+            return False
+        run = RunFolder(os.path.abspath(folder))
+        if run.config is None:
+            self.show_problems([f"{run.path} is not a Road SSLKD run folder (no config.json): choose the folder a "
+                                "training wrote."], "warning")
+            return False
+        self.run_dir = run.path
+        state = "done" if run.finished() else "cancelled"
+        settings.set_project_value("last_run_dir", run.path)
+        settings.set_project_value("last_run_state", state)
+        self.notice.hide()
+        if state == "done":
+            self.load_results(run.path)
+            self.tabs.setCurrentIndex(TAB_RESULTS)
+        else:
+            self._clear_results()
+            self.notice.show_message(f"<b>The run {_escape(os.path.basename(run.path))} did not finish.</b> "
+                                     "Resume continues it from its last checkpoint.", "info")
+            self.tabs.setCurrentIndex(TAB_RUN)
+        self._update_resume(state)
+        return True
 
     def open_run_folder(self) -> None:
         if self.run_dir and os.path.isdir(self.run_dir):

@@ -302,6 +302,25 @@ def test_results_of_a_run_folder(make_dock, tmp_path, qgis_iface):
     assert dock.use_button.text() == "In use for segmentation"
 
 
+def test_open_run_shows_a_finished_run_and_offers_resume_for_another(make_dock, tmp_path):
+    """Open run…: a run from Processing, the command line or another machine becomes the project's run."""
+    finished, stopped = tmp_path / "finished", tmp_path / "stopped"
+    for folder in (finished, stopped):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    (finished / "metrics.json").write_text(json.dumps({"models": {"student_sslkd": {"iou": 0.6, "f1": 0.7}}}))
+    (finished / "student.onnx").write_bytes(b"placeholder")
+    dock = make_dock(missing_backend(tmp_path))
+    assert dock.open_run(str(finished))
+    assert dock.results_table.rowCount() == 1 and dock.use_button.isEnabled()
+    assert settings.project_value("last_run_dir") == str(finished) and not dock.resume_button.isVisibleTo(dock)
+    assert dock.open_run(str(stopped))
+    assert dock.results_table.rowCount() == 0 and "did not finish" in dock.notice.text.text()
+    assert dock.resume_button.isVisibleTo(dock) and settings.project_value("last_run_state") == "cancelled"
+    assert not dock.open_run(str(tmp_path))  # no config.json
+    assert "not a Road SSLKD run folder" in dock.notice.text.text() and dock.run_dir == str(stopped)
+
+
 def test_chart_takes_metric_events(make_dock, tmp_path):
     dock = make_dock(missing_backend(tmp_path))
     for step, loss in enumerate([1.2, 0.9, 0.7], 1):
