@@ -420,6 +420,10 @@ def test_qgis_process_lists_and_runs_segment_roads(data, tmp_path):
     results = json.loads(run.stdout)["results"]
     assert results["OUTPUT"] == str(out)
     assert _off_by(out, data["pixels"][0]) <= 1
+    lines = qgis_process("--json", "run", "road_sslkd:centrelines", "--", f"INPUT={out}",
+                         f"CENTRELINES={tmp_path / 'lines.gpkg'}")  # fmt: skip
+    assert lines.returncode == 0, lines.stdout[-2000:] + lines.stderr[-2000:]
+    assert json.loads(lines.stdout)["results"]["CENTRELINES"] == str(tmp_path / "lines.gpkg")
     bad = qgis_process("run", "road_sslkd:segment_roads", "--", f"INPUT={data['one_band']}",
                        f"MODEL={data['model']}", f"OUTPUT={tmp_path / 'bad.tif'}")  # fmt: skip
     said = bad.stdout + bad.stderr
