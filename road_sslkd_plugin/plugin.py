@@ -30,6 +30,7 @@ class RoadSSLKDPlugin:
         self.segment_action: Optional[QAction] = None
         self.model_action: Optional[QAction] = None
         self.keep_action: Optional[QAction] = None
+        self.lines_action: Optional[QAction] = None
         self.segmenter: Any = None  # ExtentSegmenter, imported lazily
 
     def initProcessing(self) -> None:  # noqa: N802 - QGIS hook (also called by qgis_process)
@@ -53,9 +54,9 @@ class RoadSSLKDPlugin:
         self._init_segment_actions()
 
     def _init_segment_actions(self) -> None:
-        """"Segment visible extent" (toolbar, menu, Ctrl+Alt+R), "Choose road model…", "Keep earlier results"."""
-        from .core import settings
-        from .ui.segment_extent import KEEP_KEY, keep_results
+        """"Segment visible extent" (toolbar, menu, Ctrl+Alt+R), "Choose road model…" and two checkable user
+        settings: "Keep earlier results", "Draw road centrelines"."""
+        from .ui.segment_extent import KEEP_KEY, LINES_KEY, draw_centrelines, keep_results
 
         window = self.iface.mainWindow()
         self.segment_action = QAction(QIcon(segment_icon_path()), "Segment Roads in Visible Extent", window)
@@ -72,13 +73,15 @@ class RoadSSLKDPlugin:
         self.model_action = QAction("Choose Road Model…", window)
         self.model_action.setObjectName("RoadSSLKDChooseModelAction")
         self.model_action.triggered.connect(lambda: self._segmenter().choose_model())
-        self.keep_action = QAction("Keep Earlier Segmentations", window)
-        self.keep_action.setObjectName("RoadSSLKDKeepAction")
-        self.keep_action.setCheckable(True)
-        self.keep_action.setChecked(keep_results())
-        self.keep_action.toggled.connect(lambda keep: settings.set_user_value(KEEP_KEY, "true" if keep else "false"))
+        self.keep_action = _setting_action("Keep Earlier Segmentations", "RoadSSLKDKeepAction", KEEP_KEY,
+                                           keep_results(), window)
+        self.lines_action = _setting_action("Draw Road Centrelines", "RoadSSLKDCentrelinesAction", LINES_KEY,
+                                            draw_centrelines(), window)
+        self.lines_action.setToolTip(
+            "Road SSLKD: also draw the road centre lines of each segmentation (made by the backend)"
+        )
         self.iface.addToolBarIcon(self.segment_action)
-        for action in (self.segment_action, self.model_action, self.keep_action):
+        for action in (self.segment_action, self.model_action, self.keep_action, self.lines_action):
             self.iface.addPluginToMenu(MENU, action)
 
     def _segmenter(self) -> Any:
@@ -119,7 +122,7 @@ class RoadSSLKDPlugin:
         if self.segmenter is not None:
             self.segmenter.shutdown()
             self.segmenter = None
-        for action in (self.segment_action, self.model_action, self.keep_action):
+        for action in (self.segment_action, self.model_action, self.keep_action, self.lines_action):
             if action is not None:
                 self.iface.removePluginMenu(MENU, action)
                 if action is self.segment_action:
@@ -128,7 +131,7 @@ class RoadSSLKDPlugin:
                     if unregister is not None:
                         unregister(action)
                 action.deleteLater()
-        self.segment_action = self.model_action = self.keep_action = None
+        self.segment_action = self.model_action = self.keep_action = self.lines_action = None
         if self.action is not None:
             self.iface.removePluginMenu(MENU, self.action)
             self.iface.removeToolBarIcon(self.action)
@@ -137,3 +140,15 @@ class RoadSSLKDPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+
+
+def _setting_action(text: str, name: str, key: str, checked: bool, parent: Any) -> QAction:
+    """A checkable menu action that is the user setting ``key`` ("true"/"false")."""
+    from .core import settings
+
+    action = QAction(text, parent)
+    action.setObjectName(name)
+    action.setCheckable(True)
+    action.setChecked(checked)
+    action.toggled.connect(lambda on: settings.set_user_value(key, "true" if on else "false"))
+    return action

@@ -69,7 +69,7 @@ class CentrelinesAlgorithm(RoadAlgorithm):
         spur = self.parameterAsDouble(parameters, self.SPUR, context)
         try:
             if not segment.centrelines_with_backend(source, output, threshold, spur, feedback.isCanceled,
-                                                    feedback.pushDebugInfo):
+                                                    feedback.pushDebugInfo, feedback.pushWarning):
                 return {}
         except segment.SegmentError as exc:
             raise QgsProcessingException(str(exc)) from exc

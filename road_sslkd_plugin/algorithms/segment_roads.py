@@ -208,7 +208,7 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             spur = self.parameterAsDouble(parameters, self.SPUR, context)
             try:
                 if not segment.centrelines_with_backend(output, lines_output, threshold, spur, feedback.isCanceled,
-                                                        feedback.pushDebugInfo):
+                                                        feedback.pushDebugInfo, feedback.pushWarning):
                     return {}
             except segment.SegmentError as exc:
                 raise QgsProcessingException(f"CENTRELINES: {exc}") from exc

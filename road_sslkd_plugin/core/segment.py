@@ -447,16 +447,21 @@ def centrelines_with_backend(
     spur_m: float,
     cancelled: Optional[Callable[[], bool]] = None,
     log: Optional[Callable[[str], None]] = None,
+    warn: Optional[Callable[[str], None]] = None,
 ) -> bool:
     """``road-sslkd centrelines``: road centre lines of a probability GeoTIFF into the GeoPackage ``out_path``
     (the vectorisation of ``predict --vector``, which needs the backend's scikit-image and shapely). Blocking;
-    False if cancelled."""
+    False if cancelled. ``warn`` gets the backend's warnings (no CRS, no pixel at the threshold)."""
     from .cli import run_backend
+
+    def on_event(event: dict) -> None:
+        if event.get("event") == "warning" and warn is not None:
+            warn(str(event.get("message", "")))
 
     args = ["centrelines", probability, "--out", out_path, "--threshold", repr(float(threshold)),
             "--spur-length", repr(float(spur_m)), "--overwrite"]
     try:
-        result = run_backend(args, None, log, cancelled)
+        result = run_backend(args, on_event, log, cancelled)
     except (RuntimeError, OSError) as exc:
         raise SegmentError(str(exc), "road centrelines are made by the backend: set it up in the dock") from exc
     if cancelled is not None and cancelled():

@@ -540,10 +540,13 @@ class RoadSSLKDDock(QgsDockWidget):
                                         "machine): its results, or Resume when it did not finish")
         self.open_run_button.clicked.connect(self.choose_run)
         buttons.addWidget(self.use_button, 1)
-        buttons.addWidget(self.report_button)
-        buttons.addWidget(self.open_folder_button)
-        buttons.addWidget(self.open_run_button)
         layout.addLayout(buttons)
+        # A row of their own: next to "Use this model" they made the dock wider than the map can spare.
+        run_buttons = QHBoxLayout()
+        for button in (self.report_button, self.open_folder_button, self.open_run_button):
+            run_buttons.addWidget(button)
+        run_buttons.addStretch(1)
+        layout.addLayout(run_buttons)
         self.report = QTextBrowser(page)
         self.report.setOpenExternalLinks(True)
         self.report.setPlaceholderText("The run's report")
@@ -1249,8 +1252,17 @@ class RoadSSLKDDock(QgsDockWidget):
             self.show_problems([f"{run.path} is not a Road SSLKD run folder (no config.json): choose the folder a "
                                 "training wrote."], "warning")
             return False
-        self.run_dir = run.path
         state = "done" if run.finished() else "cancelled"
+        if run.path != self.run_dir:  # the Run tab showed another run: a Resume would add to its chart and log
+            self.chart.clear()
+            self.log.clear()
+            self.stage_strip.reset()
+            self.progress.setRange(0, 1)
+            self.progress.setValue(int(state == "done"))
+            self.status_label.setText("Finished" if state == "done" else "Stopped before the end")
+            self.progress.setFormat(self.status_label.text())
+            self.eta_label.clear()
+        self.run_dir = run.path
         settings.set_project_value("last_run_dir", run.path)
         settings.set_project_value("last_run_state", state)
         self.notice.hide()

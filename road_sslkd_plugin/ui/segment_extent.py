@@ -2,7 +2,9 @@
 
 Main thread: choose layer and model, plan the pixel window, read the pixels (QGIS providers are not
 shared across threads). Task thread: ``model.predict_array`` only, with progress and cancel. Main thread
-again: write the GeoTIFF and add it, styled, to the "Road SSLKD" layer group.
+again: write the GeoTIFF and add it, styled, to the "Road SSLKD" layer group. With "Draw Road Centrelines" on,
+a second task then has the backend's ``road-sslkd centrelines`` vectorise that GeoTIFF into a GeoPackage beside
+it, added above it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from qgis.core import (
     QgsLayerTreeGroup,
     QgsMapLayer,
     QgsProject,
+    QgsProviderRegistry,
     QgsRasterLayer,
     QgsTask,
+    QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 from qgis.PyQt.QtWidgets import QFileDialog
@@ -31,13 +35,27 @@ from ..core import segment, settings
 
 GROUP = "Road SSLKD"
 KEEP_KEY = "segment/keep_results"  # user setting: keep earlier results instead of replacing them
+LINES_KEY = "segment/draw_centrelines"  # user setting: also draw the road centre lines of each result
 FOLDER_KEY = "segment/output_folder"  # user setting: where result GeoTIFFs go
 LAST_LAYER_KEY = "segment/last_layer"  # project entry: id of the latest result layer
 TITLE = "Road SSLKD"
+RESULT = "road_sslkd/result"  # custom property of the layers this action adds: their files are its own
+LINES_OF = "road_sslkd/centrelines_of"  # custom property of a centrelines layer: its probability layer's id
+LINES_STYLE = "road_centrelines.qml"
+SPUR_M = 10.0  # centreline spurs shorter than this are pruned (the backend's default)
+SIDE_FILES = (".aux.xml", "-wal", "-shm")  # GDAL's statistics of a GeoTIFF, SQLite's journal of a GeoPackage
+
+
+def _user_flag(key: str) -> bool:
+    return str(settings.user_value(key, "false")).lower() in ("true", "1")
 
 
 def keep_results() -> bool:
-    return str(settings.user_value(KEEP_KEY, "false")).lower() in ("true", "1")
+    return _user_flag(KEEP_KEY)
+
+
+def draw_centrelines() -> bool:
+    return _user_flag(LINES_KEY)
 
 
 def output_folder(project: QgsProject) -> str:
@@ -50,11 +68,16 @@ def output_folder(project: QgsProject) -> str:
     return os.path.join(home or os.path.expanduser("~"), "road_sslkd_segmentations")
 
 
+def _file_of(layer: QgsMapLayer) -> str:
+    """The file a layer reads (its source less options such as ``|layername=``)."""
+    return QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source()).get("path", "")
+
+
 def _remove_replaced(project: QgsProject, path: str) -> None:
     """Delete the file of a result layer just replaced, unless another layer still shows it."""
-    if any(layer.source() == path for layer in project.mapLayers().values()):
+    if any(_file_of(layer) == path for layer in project.mapLayers().values()):
         return
-    for name in (path, path + ".aux.xml"):
+    for name in (path, *(path + side for side in SIDE_FILES)):
         try:
             os.remove(name)
         except OSError:
@@ -78,7 +101,7 @@ def _candidates(project: QgsProject, active: Optional[QgsMapLayer]) -> Iterator[
         if node is not None and node.isVisible():
             visible.append(layer)
     for layer in [active, *visible]:
-        if layer is not None and not layer.customProperty("road_sslkd/result"):
+        if layer is not None and not layer.customProperty(RESULT):
             yield layer
 
 
@@ -130,10 +153,19 @@ class SegmentTask(QgsTask):
         self.done(self.result if ok else None, self.error)
 
 
+def _group(project: QgsProject) -> QgsLayerTreeGroup:
+    """The "Road SSLKD" layer group, made at the top of the layer tree when missing."""
+    root = project.layerTreeRoot()
+    group = root.findGroup(GROUP)
+    return group if isinstance(group, QgsLayerTreeGroup) else root.insertGroup(0, GROUP)
+
+
 class ExtentSegmenter(QObject):
-    """Segments the canvas extent of the chosen raster layer; emits ``finished(layer or None, message)``."""
+    """Segments the canvas extent of the chosen raster layer; emits ``finished(layer or None, message)`` for the
+    probability layer, then, when centrelines are drawn, ``centrelines_finished(line layer or None, message)``."""
 
     finished = pyqtSignal(object, str)
+    centrelines_finished = pyqtSignal(object, str)
 
     def __init__(self, iface: Any, parent: Optional[QObject] = None) -> None:
         super().__init__(parent)
@@ -178,7 +210,7 @@ class ExtentSegmenter(QObject):
             self.task.cancel()
 
     def shutdown(self) -> None:
-        """Plugin unload: cancel a running task and ignore its result."""
+        """Plugin unload: cancel a running task (segmentation or centrelines) and ignore its result."""
         self.closed = True
         self.cancel()
 
@@ -199,9 +231,9 @@ class ExtentSegmenter(QObject):
             if layer is None:
                 raise no_layer_error(project, self.iface.activeLayer())
             if segment.engine_available():
-                work, window, warnings = self._in_process(layer, path, canvas, project)
+                work, window, warnings, threshold = self._in_process(layer, path, canvas, project)
             else:  # QGIS's Python has no onnxruntime: the backend's `road-sslkd predict` does the inference
-                work, window, warnings = self._with_backend(layer, path, canvas, project, late.append)
+                work, window, warnings, threshold = self._with_backend(layer, path, canvas, project, late.append)
         except segment.SegmentError as exc:
             self._fail(exc.message, exc.hint)
             return False
@@ -218,7 +250,9 @@ class ExtentSegmenter(QObject):
                 if not self.closed:
                     for warning in late:
                         self._message(warning, Qgis.MessageLevel.Warning)
-                    self._finish(result, error, layer.name() if not _deleted(layer) else name, window, folder)
+                    self._finish(
+                        result, error, layer.name() if not _deleted(layer) else name, window, folder, threshold
+                    )
             finally:
                 if isinstance(result, str):  # the backend's scratch folder, whether its file was placed or not
                     shutil.rmtree(os.path.dirname(result), ignore_errors=True)
@@ -234,7 +268,8 @@ class ExtentSegmenter(QObject):
         )
 
     def _in_process(self, layer: QgsRasterLayer, path: str, canvas: Any, project: QgsProject) -> tuple:
-        """Pixels read here (main thread); the task only runs the model on them."""
+        """Pixels read here (main thread); the task only runs the model on them. The work, its window, warnings
+        and the model's road threshold."""
         model = self._load(path)
         # The map action has no band choice: the model's training bands, with Processing's for other bands.
         bands, notes = segment.check_input(layer, model.info, option="BANDS of Processing's Segment roads")
@@ -245,7 +280,7 @@ class ExtentSegmenter(QObject):
         def work(progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> Any:
             return segment.predict(model, pixels, progress, cancelled)
 
-        return work, window, [note for note in (*model.warnings, *notes) if note]
+        return work, window, [note for note in (*model.warnings, *notes) if note], model.info.threshold
 
     def _with_backend(
         self, layer: QgsRasterLayer, path: str, canvas: Any, project: QgsProject, warn: Callable[[str], None]
@@ -253,7 +288,8 @@ class ExtentSegmenter(QObject):
         """The window at the layer's resolution to a scratch GeoTIFF; the task runs ``road-sslkd predict`` on it.
 
         The backend reads the model's bands and resolution itself and answers on the window's grid; its
-        warnings (bands, data type, resolution) go to ``warn``, from the task's thread.
+        warnings (bands, data type, resolution) go to ``warn``, from the task's thread. The road threshold is
+        0.5: the model's own needs onnxruntime to read.
         """
         if not os.path.isfile(path):
             raise segment.SegmentError(f"model file not found: {path}", "give the path of an .onnx model")
@@ -282,9 +318,12 @@ class ExtentSegmenter(QObject):
                 if produced is None:
                     shutil.rmtree(scratch, ignore_errors=True)
 
-        return work, window, ["onnxruntime is not available in QGIS's Python: using the backend (road-sslkd predict)"]
+        warning = "onnxruntime is not available in QGIS's Python: using the backend (road-sslkd predict)"
+        return work, window, [warning], 0.5
 
-    def _finish(self, result: Any, error: str, name: str, window: segment.ReadWindow, folder: str) -> None:
+    def _finish(
+        self, result: Any, error: str, name: str, window: segment.ReadWindow, folder: str, threshold: float
+    ) -> None:
         if result is None:
             text = f"Segmentation failed: {error}" if error else "Segmentation cancelled."
             self._message(text, Qgis.MessageLevel.Critical if error else Qgis.MessageLevel.Info)
@@ -311,26 +350,87 @@ class ExtentSegmenter(QObject):
         layer = self.add_result(QgsProject.instance(), path, f"Roads — {name}")
         text = f"Roads segmented in {name}: {path}"
         self._message(text, Qgis.MessageLevel.Success)
+        if draw_centrelines():
+            self._draw_centrelines(layer, name, threshold)
         self.finished.emit(layer, text)
+
+    def _draw_centrelines(self, result: QgsRasterLayer, name: str, threshold: float) -> None:
+        """Start the task that vectorises ``result`` into a GeoPackage beside it (``road-sslkd centrelines``)."""
+        probability, result_id = result.source(), result.id()
+        lines = os.path.splitext(probability)[0] + ".gpkg"
+        late: list[str] = []  # the backend's warnings (no pixel at the threshold...), shown when the task ends
+
+        def work(progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> Optional[str]:
+            if segment.centrelines_with_backend(probability, lines, threshold, SPUR_M, cancelled, warn=late.append):
+                return lines
+            try:
+                os.remove(lines)  # cancelled once the backend had written it: no layer will show it
+            except OSError:
+                pass
+            return None
+
+        def done(written: Optional[str], error: str) -> None:
+            self.task = None
+            if not self.closed:
+                for warning in late:
+                    self._message(warning, Qgis.MessageLevel.Warning)
+                self._finish_centrelines(written, error, name, threshold, result_id)
+
+        self.task = SegmentTask(work, f"Road SSLKD: centrelines of {name}", done)
+        QgsApplication.taskManager().addTask(self.task)
+
+    def _finish_centrelines(
+        self, path: Optional[str], error: str, name: str, threshold: float, result_id: str
+    ) -> None:
+        layer = None
+        if path is None:
+            if error:
+                text, level = f"Centrelines not drawn: {error}", Qgis.MessageLevel.Warning
+            else:
+                text, level = "Centrelines cancelled.", Qgis.MessageLevel.Info
+        elif self._left_project:  # like the probability layer: nothing lands in another project
+            text = f"Centrelines of {name}: {path} (not added to the map: another project was opened meanwhile)"
+            level = Qgis.MessageLevel.Info
+        else:
+            layer = self.add_centrelines(QgsProject.instance(), path, f"Centrelines — {name}", result_id)
+            text, level = f"Centrelines of {name} (threshold {threshold:g}): {path}", Qgis.MessageLevel.Success
+        self._message(text, level)
+        self.centrelines_finished.emit(layer, text)
 
     def add_result(self, project: QgsProject, path: str, title: str) -> QgsRasterLayer:
         """Add the GeoTIFF, styled, at the top of the "Road SSLKD" group; replace the last one unless kept."""
         previous = project.mapLayer(settings.project_value(LAST_LAYER_KEY, "", project))
         if previous is not None and not keep_results():
-            replaced = previous.source() if previous.customProperty("road_sslkd/result") else ""
-            project.removeMapLayer(previous.id())
-            if replaced:
-                _remove_replaced(project, replaced)
+            lines = [old for old in project.mapLayers().values() if old.customProperty(LINES_OF) == previous.id()]
+            for old in (previous, *lines):  # the result and its centrelines go together
+                replaced = _file_of(old) if old.customProperty(RESULT) else ""
+                project.removeMapLayer(old.id())
+                if replaced:
+                    _remove_replaced(project, replaced)
         layer = QgsRasterLayer(path, title, "gdal")
         segment.style_layer(layer)
-        layer.setCustomProperty("road_sslkd/result", True)  # after the style: loading a QML replaces them
+        layer.setCustomProperty(RESULT, True)  # after the style: loading a QML replaces them
         project.addMapLayer(layer, False)
-        root = project.layerTreeRoot()
-        group = root.findGroup(GROUP)
-        if not isinstance(group, QgsLayerTreeGroup):
-            group = root.insertGroup(0, GROUP)
-        group.insertLayer(0, layer)
+        _group(project).insertLayer(0, layer)
         settings.set_project_value(LAST_LAYER_KEY, layer.id(), project)
+        return layer
+
+    def add_centrelines(self, project: QgsProject, path: str, title: str, result_id: str) -> QgsVectorLayer:
+        """Add the GeoPackage's lines, styled, just above their probability layer (at the top of the "Road SSLKD"
+        group when that layer is gone); they are replaced with it."""
+        layer = QgsVectorLayer(f"{path}|layername=centrelines", title, "ogr")
+        style = segment.style_path(LINES_STYLE)
+        if style:
+            layer.loadNamedStyle(style)
+        layer.setCustomProperty(RESULT, True)  # after the style, as for the probability layer
+        layer.setCustomProperty(LINES_OF, result_id)
+        project.addMapLayer(layer, False)
+        below = project.layerTreeRoot().findLayer(result_id)
+        if below is not None:
+            parent = below.parent()
+            parent.insertLayer(parent.children().index(below), layer)
+        else:
+            _group(project).insertLayer(0, layer)
         return layer
 
     # ----------------------------------------------------------------- messages

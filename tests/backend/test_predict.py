@@ -176,6 +176,33 @@ def test_centrelines_command_vectorises_a_probability_raster(tmp_path):
     assert not (tmp_path / "x.gpkg").exists() and not (tmp_path / "y.gpkg").exists()
 
 
+def test_centrelines_command_refuses_or_warns_about_rasters_of_no_probability(tmp_path, capsys):
+    """A float 0-1 or multi-band raster is refused; a 0/1 road mask gives no line, and a warning that says why
+    (not an empty GeoPackage alone)."""
+    from road_sslkd import centrelines
+
+    parser = argparse.ArgumentParser()
+    centrelines.register(parser.add_subparsers())
+
+    def run(raster, out) -> None:
+        args = parser.parse_args(["centrelines", str(raster), "--out", str(out)])
+        args.func(args)
+
+    road = np.zeros((1, 60, 60), np.uint8)
+    road[:, 28:33, :] = 1
+    for name, data, said in (("float.tif", road.astype(np.float32) * 0.9, "float32: a road probability raster is "
+                              "uint8"), ("rgb.tif", np.repeat(road * 200, 3, axis=0), "3 bands")):
+        with pytest.raises(UserError, match=said):
+            run(write_raster(tmp_path / name, data, res=1.0), tmp_path / f"{name}.gpkg")
+        assert not (tmp_path / f"{name}.gpkg").exists()
+    capsys.readouterr()
+    run(write_raster(tmp_path / "mask.tif", road, res=1.0), tmp_path / "mask.gpkg")
+    assert len(read_lines(tmp_path / "mask.gpkg")[1]) == 0
+    warnings = [e["message"] for e in events_of(capsys) if e["event"] == "warning"]
+    assert len(warnings) == 1 and "no pixel reaches the threshold 0.5 (128 of 255; the highest is 1)" in warnings[0]
+    assert "road mask (0/1)" in warnings[0]
+
+
 def test_skeleton_paths_prune_short_spurs_only():
     skeleton = np.zeros((40, 40), bool)
     skeleton[20, 2:39] = True  # a road

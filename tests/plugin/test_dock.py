@@ -311,7 +311,11 @@ def test_open_run_shows_a_finished_run_and_offers_resume_for_another(make_dock, 
     (finished / "metrics.json").write_text(json.dumps({"models": {"student_sslkd": {"iou": 0.6, "f1": 0.7}}}))
     (finished / "student.onnx").write_bytes(b"placeholder")
     dock = make_dock(missing_backend(tmp_path))
+    dock.on_event({"event": "metric", "name": "loss", "value": 0.9, "stage": "teacher_a", "step": 1})
+    dock.on_event({"event": "progress", "stage": "teacher_a", "step": 5, "total": 8, "eta": 75})
     assert dock.open_run(str(finished))
+    # The Run tab no longer shows the earlier run: a Resume would have drawn on its chart and written to its log.
+    assert dock.chart.series == {} and not dock.log.toPlainText() and dock.status_label.text() == "Finished"
     assert dock.results_table.rowCount() == 1 and dock.use_button.isEnabled()
     assert settings.project_value("last_run_dir") == str(finished) and not dock.resume_button.isVisibleTo(dock)
     assert dock.open_run(str(stopped))

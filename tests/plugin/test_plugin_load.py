@@ -30,6 +30,8 @@ def test_load_show_and_unload(qgis_iface, project):
     assert registry.providerById("road_sslkd") is not None
     action = plugin.action
     assert action is not None and not action.icon().isNull()
+    settings_actions = [plugin.keep_action, plugin.lines_action]  # the menu's checkable user settings, off at first
+    assert all(a.isCheckable() and not a.isChecked() for a in settings_actions)
 
     action.trigger()  # the toolbar button opens the dock...
     dock = plugin.dock
@@ -43,7 +45,7 @@ def test_load_show_and_unload(qgis_iface, project):
     _flush_deletes()
     qgis_iface.mainWindow().hide()
     assert plugin.dock is None and plugin.action is None and plugin.provider is None
-    assert sip.isdeleted(action) and sip.isdeleted(dock)
+    assert sip.isdeleted(action) and sip.isdeleted(dock) and all(sip.isdeleted(a) for a in settings_actions)
     assert registry.providerById("road_sslkd") is None
     assert "torch" not in sys.modules, "the plugin must never import torch"
     # The ONNX engine (road_sslkd.engine/onnx_runtime) may be loaded in-process; the training side never.

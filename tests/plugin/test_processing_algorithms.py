@@ -22,6 +22,7 @@ from qgis.core import (
     QgsProcessingParameterDefinition,
     QgsProject,
     QgsRasterLayer,
+    QgsRectangle,
     QgsVectorLayer,
 )
 from segment_data import BACKEND_PYTHON, expected_probability, make_model, make_raster
@@ -114,6 +115,14 @@ def _off_by(path, band: np.ndarray) -> int:
     return int(np.abs(_read(path)[10:, 10:].astype(int) - expected_probability(band)[10:, 10:]).max())
 
 
+def _centrelines(path) -> tuple[str, int, float, QgsRectangle]:
+    """CRS, line count, total length_m and extent of a centrelines GeoPackage. The layer lives in this frame
+    only: a test frame kept by a pytest.raises traceback would keep it to Python's exit, where QGIS crashes."""
+    layer = QgsVectorLayer(f"{path}|layername=centrelines", "lines", "ogr")
+    assert layer.isValid(), path
+    return layer.crs().authid(), layer.featureCount(), sum(f["length_m"] for f in layer.getFeatures()), layer.extent()
+
+
 def test_segment_roads_writes_probability_and_mask(processing, data, tmp_path):
     out, mask = tmp_path / "prob.tif", tmp_path / "mask.tif"
     result = processing.run(
@@ -145,12 +154,11 @@ def test_segment_roads_writes_centrelines_with_the_backend(processing, data, tmp
          "THRESHOLD": 0.6, "CENTRELINES": str(lines), "SPUR_LENGTH": 2.0},
     )  # fmt: skip
     assert result["CENTRELINES"] == str(lines)
-    layer = QgsVectorLayer(f"{lines}|layername=centrelines", "lines", "ogr")
-    assert layer.isValid() and layer.crs().authid() == "EPSG:32633" and layer.featureCount() >= 1
+    crs, count, total, extent = _centrelines(lines)
+    assert crs == "EPSG:32633" and count >= 1
     scene = QgsRasterLayer(str(data["raster"]), "s").extent()
-    total = sum(feature["length_m"] for feature in layer.getFeatures())
     assert 20 < total < 2 * math.hypot(scene.width(), scene.height())  # the diagonal road, give or take spurs
-    assert scene.contains(layer.extent())
+    assert scene.contains(extent)
     with pytest.raises(QgsProcessingException, match=r"CENTRELINES .*lines.shp is not a GeoPackage name"):
         processing.run(
             "road_sslkd:segment_roads",
@@ -162,8 +170,24 @@ def test_segment_roads_writes_centrelines_with_the_backend(processing, data, tmp
     again = tmp_path / "again.gpkg"
     processing.run("road_sslkd:centrelines", {"INPUT": str(tmp_path / "prob.tif"), "THRESHOLD": 0.6,
                                               "SPUR_LENGTH": 2.0, "CENTRELINES": str(again)})
-    layer_again = QgsVectorLayer(f"{again}|layername=centrelines", "again", "ogr")
-    assert sum(f["length_m"] for f in layer_again.getFeatures()) == pytest.approx(total)
+    assert _centrelines(again)[2] == pytest.approx(total)
+
+
+def test_centrelines_say_why_they_are_empty_or_refused(processing, data, tmp_path):
+    """road_sslkd:centrelines on Segment roads' MASK (0/1) instead of its probability: the backend's warning that
+    no pixel reaches the threshold reaches the feedback; a 3-band image is refused in the backend's words."""
+    mask = tmp_path / "mask.tif"
+    processing.run("road_sslkd:segment_roads", {"INPUT": str(data["raster"]), "MODEL": str(data["model"]),
+                                                "OUTPUT": str(tmp_path / "prob.tif"), "MASK": str(mask)})
+    feedback = Feedback()
+    result = processing.run("road_sslkd:centrelines", {"INPUT": str(mask), "CENTRELINES": str(tmp_path / "m.gpkg")},
+                            feedback=feedback)  # fmt: skip
+    assert _centrelines(result["CENTRELINES"])[1] == 0
+    assert any("the highest is 1" in w and "road mask (0/1)" in w for w in feedback.warnings), feedback.warnings
+    with pytest.raises(QgsProcessingException, match="has 3 bands: a road probability raster has one"):
+        processing.run("road_sslkd:centrelines",
+                       {"INPUT": str(data["raster"]), "CENTRELINES": str(tmp_path / "i.gpkg")})
+    assert not (tmp_path / "i.gpkg").exists()
 
 
 def test_segment_roads_averages_eight_views_back_in_place(processing, data, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -10,27 +12,34 @@ import pytest
 from osgeo import gdal
 from qgis.core import (
     Qgis,
+    QgsApplication,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
+    QgsVectorLayer,
 )
-from segment_data import ORIGIN, expected_probability, make_model, make_raster
+from segment_data import BACKEND_PYTHON, ORIGIN, expected_probability, make_model, make_raster
 
 import road_sslkd_plugin
 from conftest import needs_backend, wait_until
-from road_sslkd_plugin.core import segment, settings
+from road_sslkd_plugin.compat import qgis_enum
+from road_sslkd_plugin.core import cli, segment, settings
+from road_sslkd_plugin.core.backend import BackendLocator
 from road_sslkd_plugin.ui.segment_extent import (
     FOLDER_KEY,
     GROUP,
     KEEP_KEY,
+    LINES_KEY,
     ExtentSegmenter,
     default_layer,
     output_folder,
 )
 
 pytestmark = needs_backend  # the test model is written with the backend venv's onnx package
+TIF_GPKG = (".tif", ".gpkg")  # a result and its centrelines
+LINE = qgis_enum("Qgis.GeometryType.Line", "QgsWkbTypes.GeometryType.LineGeometry")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +57,22 @@ def data(tmp_path_factory):
         ),
         "folder": folder,
     }
+
+
+@pytest.fixture(scope="module")
+def data_lines(data):
+    """``data`` with a model whose road threshold is 0.7 (the others have 0.5)."""
+    return {**data, "thresh07": _with_threshold(data["model"], data["folder"] / "thresh07.onnx", 0.7)}
+
+
+def _with_threshold(model: Path, path: Path, threshold: float) -> Path:
+    """A copy of ``model`` whose metadata gives another road threshold (seg_thresh), by the backend's onnx."""
+    code = ("import onnx, sys; m = onnx.load(sys.argv[1]); "
+            "[p for p in m.metadata_props if p.key == 'seg_thresh'][0].value = sys.argv[3]; onnx.save(m, sys.argv[2])")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    subprocess.run([str(BACKEND_PYTHON), "-c", code, str(model), str(path), str(threshold)],
+                   check=True, timeout=120, env=env)
+    return path
 
 
 @pytest.fixture
@@ -73,6 +98,17 @@ def _run(segmenter: ExtentSegmenter, **kwargs) -> tuple:
     assert segmenter.run(**kwargs)
     assert wait_until(lambda: results, 60)
     return results[0]
+
+
+def _run_with_lines(segmenter: ExtentSegmenter, **kwargs) -> tuple:
+    """``_run`` with "Draw Road Centrelines" on: (result, its message, centrelines layer or None, their message)."""
+    settings.set_user_value(LINES_KEY, "true")
+    drawn = []
+    segmenter.centrelines_finished.connect(lambda layer, text: drawn.append((layer, text)))
+    result, text = _run(segmenter, **kwargs)
+    assert result is not None, text
+    assert wait_until(lambda: drawn, 120)
+    return result, text, *drawn[0]
 
 
 def _segment_file(qgis_iface, project, path: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
@@ -372,3 +408,117 @@ def test_a_result_finished_after_another_project_opened_stays_out_of_it(qgis_ifa
     written = list((tmp_path / "out").glob("roads_scene_*.tif"))
     assert len(written) == 1 and str(written[0]) in text
     assert not QgsProject.instance().mapLayers()
+
+
+# ------------------------------------------------------------------------------------- road centrelines
+@pytest.mark.parametrize("in_process", [True, False], ids=["in QGIS", "backend"])
+def test_centrelines_are_drawn_above_the_result(qgis_iface, scene, data_lines, monkeypatch, in_process):
+    """The backend vectorises the result at the threshold it was made for: the model's (0.7) in QGIS, 0.5 on the
+    backend path (the model's metadata needs onnxruntime to read)."""
+    if not in_process:
+        monkeypatch.setattr(segment, "engine_available", lambda: False)
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    segmenter = ExtentSegmenter(qgis_iface)
+    result, _, lines, text = _run_with_lines(segmenter, model_path=str(data_lines["thresh07"]))
+    assert isinstance(lines, QgsVectorLayer) and lines.isValid(), text
+    assert f"(threshold {0.7 if in_process else 0.5:g})" in text
+    assert lines.name() == "Centrelines — scene" and lines.geometryType() == LINE
+    assert lines.crs().authid() == result.crs().authid() == "EPSG:32633"
+    assert Path(lines.source().split("|")[0]) == Path(result.source()).with_suffix(".gpkg")
+    features = list(lines.getFeatures())
+    assert features and all(result.extent().contains(f.geometry().boundingBox()) for f in features)
+    assert all(0 < f["length_m"] == pytest.approx(f.geometry().length(), rel=0.01) for f in features)
+    assert sum(f["length_m"] for f in features) > 50  # the scene's 78 m diagonal road, less its ends
+    assert lines.renderer().symbol().symbolLayerCount() == 2  # road_centrelines.qml: a haloed line
+    group = QgsProject.instance().layerTreeRoot().findGroup(GROUP)
+    assert [node.layerId() for node in group.findLayers()][:2] == [lines.id(), result.id()]  # just above it
+    assert not segmenter.is_running()
+
+
+def test_centrelines_are_replaced_with_their_result_unless_kept(qgis_iface, scene, data):
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    project = QgsProject.instance()
+    model = str(data["model"])
+    first, _, first_lines, text = _run_with_lines(ExtentSegmenter(qgis_iface), model_path=model)
+    assert first_lines is not None, text
+    first_ids, first_files = [first.id(), first_lines.id()], [Path(first.source()).with_suffix(s) for s in TIF_GPKG]
+    second, _, second_lines, _ = _run_with_lines(ExtentSegmenter(qgis_iface), model_path=model)
+    assert not any(project.mapLayer(layer_id) for layer_id in first_ids)
+    assert not any(path.exists() for path in first_files)  # a replaced result leaves no file behind
+    settings.set_user_value(KEEP_KEY, "true")
+    third, _, third_lines, _ = _run_with_lines(ExtentSegmenter(qgis_iface), model_path=model)
+    third_files = [Path(third.source()).with_suffix(s) for s in TIF_GPKG]
+    group = project.layerTreeRoot().findGroup(GROUP)
+    kept = [third_lines.id(), third.id(), second_lines.id(), second.id()]
+    assert [node.layerId() for node in group.findLayers()] == kept
+    assert all(Path(layer.source().split("|")[0]).exists() for layer in (second, second_lines, third, third_lines))
+    # Setting off: the next result replaces the last one with its centrelines, and gets none itself.
+    settings.set_user_value(KEEP_KEY, "false")
+    settings.set_user_value(LINES_KEY, "false")
+    segmenter = ExtentSegmenter(qgis_iface)
+    drawn = []
+    segmenter.centrelines_finished.connect(lambda layer, text: drawn.append(layer))
+    fourth, _ = _run(segmenter, model_path=model)
+    assert not segmenter.is_running() and not drawn
+    assert [node.layerId() for node in group.findLayers()] == [fourth.id(), second_lines.id(), second.id()]
+    assert not Path(fourth.source()).with_suffix(".gpkg").exists()
+    assert not any(path.exists() for path in third_files)
+
+
+def test_without_a_backend_the_result_is_added_and_the_centrelines_are_explained(
+    qgis_iface, scene, data, monkeypatch, tmp_path
+):
+    """onnxruntime in QGIS but no backend anywhere: the probability layer lands, and a warning says why no lines."""
+    nowhere = BackendLocator(plugin_dir=tmp_path / "plugin" / "road_sslkd_plugin", profile_venv=tmp_path / "venv",
+                             use_setting=False)
+    monkeypatch.setattr(cli, "BackendLocator", lambda: nowhere)  # a real search, in empty places
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    result, _, lines, text = _run_with_lines(ExtentSegmenter(qgis_iface), model_path=str(data["model"]))
+    assert result.isValid() and lines is None
+    assert "Centrelines not drawn" in text and "Set up backend" in text
+    assert any(text in warning for warning in bar.get_messages(Qgis.MessageLevel.Warning))
+    assert [layer.id() for layer in QgsProject.instance().mapLayers().values() if layer.id() != scene.id()] == [
+        result.id()
+    ]
+
+
+def test_centrelines_finished_after_another_project_opened_stay_out_of_it(qgis_iface, scene, data, tmp_path):
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    segmenter = ExtentSegmenter(qgis_iface)
+    settings.set_user_value(LINES_KEY, "true")
+    drawn = []
+    segmenter.centrelines_finished.connect(lambda layer, text: drawn.append((layer, text)))
+    result, text = _run(segmenter, model_path=str(data["model"]))
+    assert result is not None and segmenter.is_running(), text  # the centrelines task
+    QgsProject.instance().clear()  # before the task's end reaches the main thread: no event was processed
+    assert wait_until(lambda: drawn, 120)
+    lines, text = drawn[0]
+    assert lines is None and "another project was opened meanwhile" in text, text
+    assert len(list((tmp_path / "out").glob("roads_scene_*.gpkg"))) == 1
+    assert not QgsProject.instance().mapLayers()
+
+
+def test_unload_while_centrelines_are_drawn_adds_nothing(qgis_iface, scene, data):
+    settings.set_selected_model(str(data["model"]))
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    plugin = road_sslkd_plugin.classFactory(qgis_iface)
+    plugin.initGui()
+    try:
+        assert not plugin.lines_action.isChecked()  # off by default
+        plugin.lines_action.setChecked(True)  # the menu's "Draw Road Centrelines" is the setting
+        assert settings.user_value(LINES_KEY) == "true"
+        results, drawn = [], []
+        plugin.segment_action.trigger()
+        segmenter = plugin.segmenter
+        segmenter.finished.connect(lambda layer, text: results.append(layer))
+        segmenter.centrelines_finished.connect(lambda layer, text: drawn.append(layer))
+        assert wait_until(lambda: results, 60)
+        assert results[0] is not None and segmenter.is_running()
+    finally:
+        plugin.unload()
+    assert wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, 60)
+    QgsApplication.processEvents()
+    assert not drawn
+    assert not [layer for layer in QgsProject.instance().mapLayers().values() if isinstance(layer, QgsVectorLayer)]

@@ -220,7 +220,8 @@ def test_zip_installs_into_a_fresh_profile_and_loads_there(plugin_zip, tmp_path)
             "road_sslkd:evaluate"} <= set(report["algorithms"])
     assert report["toolbar"] == ["RoadSSLKDAction", "RoadSSLKDSegmentAction"]
     assert set(report["menu"]) == {
-        "RoadSSLKDAction", "RoadSSLKDSegmentAction", "RoadSSLKDChooseModelAction", "RoadSSLKDKeepAction"
+        "RoadSSLKDAction", "RoadSSLKDSegmentAction", "RoadSSLKDChooseModelAction", "RoadSSLKDKeepAction",
+        "RoadSSLKDCentrelinesAction",
     }
     assert report["icon"] and report["dock"]
     # Unload leaves nothing behind.

@@ -8,11 +8,14 @@ then.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+
+from rasterio.windows import Window
 
 from . import events
 from .events import UserError
-from .predict import write_centrelines
+from .predict import STRIP_ROWS, _open, write_centrelines
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +46,37 @@ def _run(args: argparse.Namespace) -> None:
                         f"({args.out.with_suffix('.gpkg').name})")
     if args.out.exists() and not args.overwrite:
         raise UserError(f"{args.out} exists", hint="pass --overwrite to replace it, or choose another --out")
+    _check_probability(args.probability)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     count = write_centrelines(args.probability, args.out, args.threshold, args.spur_length)
+    if not count:
+        _say_why_empty(args.probability, args.threshold)
     events.artifact("centrelines", str(args.out))
     events.emit("done", centrelines=str(args.out), lines=count)
+
+
+def _check_probability(path: Path) -> None:
+    """Refuse what is no 0-255 probability raster: a float 0-1 or multi-band raster would give no line, or
+    lines of anything but roads, without a word."""
+    with _open(path) as src:
+        count, dtype = src.count, src.dtypes[0]
+    if count != 1:
+        raise UserError(f"{path} has {count} bands: a road probability raster has one (0-255)",
+                        hint="give the probability GeoTIFF that predict or Segment roads wrote, not the imagery")
+    if dtype != "uint8":
+        raise UserError(f"{path} is {dtype}: a road probability raster is uint8, 0-255 (255 = certainly road)",
+                        hint=f"rescale a 0-1 probability first (gdal_translate -ot Byte -scale 0 1 0 255 {path.name} "
+                        "OUT.tif)")
+
+
+def _say_why_empty(path: Path, threshold: float) -> None:
+    """Warn that no pixel reached the threshold, with the highest value there is: a 0/1 road mask (highest 1)
+    is the usual slip, and an empty GeoPackage alone would not tell it."""
+    highest = 0
+    with _open(path) as src:
+        for row in range(0, src.height, STRIP_ROWS):
+            values = src.read(1, window=Window(0, row, src.width, min(STRIP_ROWS, src.height - row)), masked=True)
+            highest = max(highest, int(values.max()) if values.count() else 0)
+    events.warning(f"{path}: no pixel reaches the threshold {threshold:g} ({math.ceil(threshold * 255)} of 255; "
+                   f"the highest is {highest}), so the centrelines are empty. A road mask (0/1) is no probability "
+                   "raster: give the probability (0-255), or lower the threshold")

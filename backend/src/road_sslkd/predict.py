@@ -37,7 +37,6 @@ from .onnx_runtime import PROVIDERS, RESAMPLE_TOLERANCE, ModelInfo, OnnxSegmente
 
 PROBABILITY_SUFFIX = "_road_prob.tif"
 CENTRELINES_SUFFIX = "_centrelines.gpkg"
-# Raster-to-model resolution ratio (either way) beyond which prediction warns: results and time both suffer.
 STRIP_ROWS = 1024  # rows per strip where this module copies or vectorises rasters itself
 SPUR_PX_WITHOUT_CRS = 20.0
 GDAL_OPTIONS = {
@@ -321,9 +320,10 @@ def write_centrelines(probability: Path, out_path: Path, threshold: float, spur_
             events.warning(f"{probability} has no CRS: centreline coordinates and length_m are in pixels")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "'crs' was not provided")  # said once above, in our words
+            # GeoPackage 1.2: the newest this GDAL writes (1.4) makes older QGIS builds (GDAL < 3.7) warn
             pyogrio.raw.write(partial, geometry=shapely.to_wkb(lines), field_data=[lengths],
                               fields=["length_m"], layer="centrelines", driver="GPKG",
-                              geometry_type="LineString", crs=crs)
+                              geometry_type="LineString", crs=crs, dataset_options={"VERSION": "1.2"})
         os.replace(partial, out_path)
     finally:
         partial.unlink(missing_ok=True)
