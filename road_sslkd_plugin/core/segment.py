@@ -472,10 +472,11 @@ def centrelines_with_backend(
 
 
 def binary_mask(probability: Any, threshold: float) -> Any:
-    """Road (1) / background (0) at ``threshold`` (0..1), masked where the probability is."""
+    """Road (1) / background (0) at ``threshold`` (0..1), masked where the probability is; the rule of the
+    backend's centrelines (a value of 0-255 counts when it is at least ``threshold * 255``)."""
     import numpy as np
 
-    values = (np.ma.getdata(probability) >= round(threshold * 255)).astype(np.uint8)
+    values = (np.ma.getdata(probability) >= threshold * 255).astype(np.uint8)
     if np.ma.isMaskedArray(probability):
         return np.ma.MaskedArray(values, np.ma.getmaskarray(probability))
     return values
