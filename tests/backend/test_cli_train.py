@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -202,6 +203,25 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_dataset, tmp_path):
     assert not (run / "checkpoints" / "teacher_b.pt").exists()
     assert not stale.exists()  # maps cached from another teacher_b would be stale
     assert RunDir.open(run).metrics()["models"]["teacher_b"]["setup_seconds"] >= 100.0  # both starts' setup
+
+
+def test_a_run_in_training_is_not_trained_twice(tiny_run, tmp_path):
+    """A resume while another process trains the run (the dock's Open run, Processing) would overwrite its
+    checkpoints: refused. The lock dies with its process, even a killed one."""
+    run = shutil.copytree(tiny_run[0], tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from road_sslkd.runs import training_lock\n"
+         "with training_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(300)", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, events, _ = run_cli("train", "--resume", str(run))
+        assert code == 2 and "is being trained by another process" in errors(events)[0]["message"]
+    finally:
+        holder.kill()  # as a crash would end it: no clean-up runs
+        holder.wait()
+    code, _, stderr = run_cli("train", "--resume", str(run))
+    assert code == 0, stderr[-2000:]
 
 
 def test_cross_model_stage_learning_rate_scale(tiny_run, tiny_dataset, run_main, tmp_path):

@@ -12,6 +12,7 @@ student_kd               baseline: distillation from the supervised teachers, la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import tempfile
 import time
@@ -30,7 +31,7 @@ from .evaluate import evaluate_model, onnx_throughput
 from .export import export_int8, export_run_model
 from .models import REGISTRY, build_model, count_parameters, gflops, weights_file
 from .plots import PRAccumulator
-from .runs import RunDir, install_stop_handlers, stop_requested
+from .runs import RunDir, install_stop_handlers, stop_requested, training_lock
 from .targets import decision_threshold
 from .teachers import CrossModelStage, SupervisedStage
 from .trainer import Context, Stage, build_context, pick_device, run_stage, seed_everything, split_holdout
@@ -307,12 +308,20 @@ def _refuse_ignored_flags(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     install_stop_handlers()
+    with contextlib.ExitStack() as held:
+        _train_command(args, held)
+
+
+def _train_command(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
+    """``train``: a new run or a resumed one, its folder locked by the main process (``held``) until the end."""
     stages = check_stages(args.stages.split(",")) if args.stages else None
     if args.resume:
         _refuse_ignored_flags(args)
         run = RunDir.open(args.resume)
         run.require_unchanged_images()
         distributed.init(pick_device(args.device or run.config.device))  # under torchrun only
+        if distributed.is_main():  # before anything is changed: another process may be training it
+            held.enter_context(training_lock(run.path))
         check_weights(run.config)  # a weights file may have moved since the run started
         # What this start changes stays the run's: a later plain --resume keeps its stages and device.
         changes = {key: value for key, value in (("stages", stages), ("device", args.device)) if value is not None}
@@ -334,6 +343,7 @@ def _run(args: argparse.Namespace) -> None:
             build_context(probe, pick_device(cfg.device))
         if distributed.is_main():
             run = RunDir.create(args.out, cfg, spec)
+            held.enter_context(training_lock(run.path))
             run.normalizer = probe.normalizer
             run.save()
         distributed.barrier()

@@ -1,11 +1,13 @@
 """A run directory: resolved config, checkpoints, trained models, metrics; and clean stops on SIGTERM.
 
 Layout: ``config.json`` (settings, dataset, normalisation, version), ``checkpoints/STAGE.pt`` while a stage
-trains, ``models/NAME.pt`` when it has finished, ``metrics.json``, ``report.md``, ``student.onnx``.
+trains, ``models/NAME.pt`` when it has finished, ``metrics.json``, ``report.md``, ``student.onnx``, and
+``.train.lock``, locked while a process trains the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,7 +15,7 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,6 +28,31 @@ from .models import SegModel, build_model
 from .plots import PRAccumulator
 
 _stop = threading.Event()
+LOCK_NAME = ".train.lock"
+
+
+@contextlib.contextmanager
+def training_lock(path: Path) -> Iterator[None]:
+    """Hold the run folder's lock while this process trains it: a second trainer (a resume started while the
+    run still trains, from the dock, Processing or a shell) would overwrite its checkpoints and models. The
+    operating system drops the lock when the process ends, however it ends, so a crash leaves none behind."""
+    handle = open(Path(path) / LOCK_NAME, "a+b")
+    try:
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise UserError(f"{path} is being trained by another process", "wait for it to finish, or stop it "
+                            "(Cancel in QGIS, Ctrl+C, SIGTERM) and resume then") from exc
+        yield
+    finally:
+        handle.close()
 
 
 def install_stop_handlers() -> None:
