@@ -288,6 +288,8 @@ class ResumeTrainAlgorithm(RoadAlgorithm):
     """``road_sslkd:resume_training``: continue a stopped run from its last checkpoint (``train --resume``)."""
 
     RUN = "RUN_FOLDER"
+    DEVICE = "DEVICE"
+    DEVICES = ("the run's own", *DEVICES)
 
     def name(self) -> str:
         return "resume_training"
@@ -301,13 +303,17 @@ class ResumeTrainAlgorithm(RoadAlgorithm):
             "last checkpoint, with the data and settings it was started with (its config.json). Finished stages "
             "are not trained again; a finished run only refreshes its report.<br><br>"
             "<b>Run folder</b>: the folder of <i>Train SSLKD road model</i> (its Run folder output), of the "
-            "dock's training, or of <tt>road-sslkd train</tt>.<br>"
+            "dock's training, or of <tt>road-sslkd train</tt>. A run still training is refused.<br>"
+            "<b>Device</b> (advanced): the run's own (default), or another one from here on (cpu on a machine "
+            "without the GPU it started on; DEVICE=0 the run's own, 1 auto, 2 cpu, 3 cuda).<br>"
             "The outputs are those of <i>Train SSLKD road model</i>: the student (ONNX), the report and the "
             "metrics. Needs the backend (dock: Set up backend)."
         )
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(self.RUN, "Run folder", FOLDER_ONLY))
+        self.addParameter(advanced(QgsProcessingParameterEnum(self.DEVICE, "Device", list(self.DEVICES),
+                                                              defaultValue=0)))
         self.addOutput(QgsProcessingOutputFolder(OUTPUT_FOLDER, "Run folder"))
         _add_run_outputs(self)
 
@@ -319,4 +325,6 @@ class ResumeTrainAlgorithm(RoadAlgorithm):
             raise QgsProcessingException(
                 f"{run_dir} is not a Road SSLKD run folder (no config.json): choose the Run folder a training "
                 "wrote")
-        return _train(resume_args(run_dir), run_dir, feedback)
+        device = self.parameterAsEnum(parameters, self.DEVICE, context)
+        args = resume_args(run_dir) + (["--device", self.DEVICES[device]] if device else [])
+        return _train(args, run_dir, feedback)

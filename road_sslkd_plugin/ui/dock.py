@@ -872,7 +872,7 @@ class RoadSSLKDDock(QgsDockWidget):
         self._show_backend()
 
     def _setup_finished(self, ok: bool, message: str) -> None:
-        self.log_line(message, "info" if ok else "error")
+        self.log_line(message, "info" if ok or message == CANCELLED else "error")
         self.setup_progress.hide()
         if ok:
             self.notify(message)

@@ -609,7 +609,10 @@ def test_a_cancelled_training_resumes_from_its_checkpoint(processing, demo_dir, 
     assert "MODEL" not in stopped and not (run_dir / "student.onnx").exists()
     assert any(f"Resume SSLKD training (RUN_FOLDER={run_dir})" in e for e in feedback.errors), feedback.errors
     feedback = Feedback()
-    result = processing.run("road_sslkd:resume_training", {"RUN_FOLDER": str(run_dir)}, feedback=feedback)
+    assert json.loads((run_dir / "config.json").read_text())["config"]["device"] == "cpu"
+    result = processing.run("road_sslkd:resume_training", {"RUN_FOLDER": str(run_dir), "DEVICE": 1},
+                            feedback=feedback)  # auto from here on, instead of the run's own cpu
+    assert json.loads((run_dir / "config.json").read_text())["config"]["device"] == "auto"
     assert Path(result["MODEL"]).is_file() and result["OUTPUT_FOLDER"] == str(run_dir)
     assert "student_sslkd" in json.loads(result["METRICS"])["models"]
     log = "\n".join(feedback.debug)
