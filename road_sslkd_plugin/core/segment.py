@@ -463,7 +463,7 @@ def centrelines_with_backend(
     try:
         result = run_backend(args, on_event, log, cancelled)
     except (RuntimeError, OSError) as exc:
-        raise SegmentError(str(exc), "road centrelines are made by the backend: set it up in the dock") from exc
+        raise SegmentError(f"road centrelines are made by the backend: {exc}") from exc  # exc says how to set it up
     if cancelled is not None and cancelled():
         return False
     if not result.outcome.ok:

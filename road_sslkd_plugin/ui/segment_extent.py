@@ -73,15 +73,30 @@ def _file_of(layer: QgsMapLayer) -> str:
     return QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source()).get("path", "")
 
 
-def _remove_replaced(project: QgsProject, path: str) -> None:
-    """Delete the file of a result layer just replaced, unless another layer still shows it."""
-    if any(_file_of(layer) == path for layer in project.mapLayers().values()):
-        return
+def _remove_files(path: str) -> None:
+    """Delete ``path`` and the files GDAL or SQLite keep beside it."""
     for name in (path, *(path + side for side in SIDE_FILES)):
         try:
             os.remove(name)
         except OSError:
-            pass  # already gone, or held open elsewhere (Windows): it stays, as before
+            pass  # already gone, or held open elsewhere (Windows): it stays
+
+
+def _replace(project: QgsProject, result_id: str) -> list[QgsMapLayer]:
+    """Remove the result layer ``result_id`` and its centrelines, whichever of them the user has not removed by
+    hand, then their files (the GeoTIFF and the GeoPackage named after it) unless another layer shows them.
+
+    A layer with unsaved edits stays, with its file (removing it would drop them unasked): the layers kept.
+    """
+    old = [layer for layer in project.mapLayers().values() if result_id in (layer.id(), layer.customProperty(LINES_OF))]
+    stems = {os.path.splitext(_file_of(layer))[0] for layer in old if layer.customProperty(RESULT)}
+    edited = [layer for layer in old if layer.isModified()]
+    project.removeMapLayers([layer.id() for layer in old if layer not in edited])
+    shown = {_file_of(layer) for layer in project.mapLayers().values()}
+    for path in (stem + ext for stem in stems for ext in (".tif", ".gpkg")):
+        if path not in shown:
+            _remove_files(path)
+    return edited
 
 
 def readable_raster(layer: Optional[QgsMapLayer]) -> bool:
@@ -131,9 +146,9 @@ Work = Callable[[Callable[[int, int], None], Callable[[], bool]], Any]  # (progr
 class SegmentTask(QgsTask):
     """Runs ``work(progress, cancelled)`` in QGIS's task manager; ``done(result or None, error)`` on the main thread."""
 
-    def __init__(self, work: Work, description: str, done: Callable[[Any, str], None]) -> None:
-        super().__init__(description, TASK_CAN_CANCEL)
-        self.work, self.done = work, done
+    def __init__(self, work: Work, activity: str, done: Callable[[Any, str], None]) -> None:
+        super().__init__(f"{TITLE}: {activity}", TASK_CAN_CANCEL)
+        self.work, self.activity, self.done = work, activity, done
         self.result: Any = None
         self.error = ""
 
@@ -217,8 +232,11 @@ class ExtentSegmenter(QObject):
     # ----------------------------------------------------------------- run
     def run(self, layer: Optional[QgsRasterLayer] = None, model_path: Optional[str] = None) -> bool:
         """Start a segmentation of the visible extent; False (and a message) when it cannot start."""
-        if self.task is not None:
-            self._message("A segmentation is already running.", Qgis.MessageLevel.Info)
+        if self.task is not None:  # the segmentation, or the centrelines drawn after it
+            self._message(
+                f"Still {self.task.activity}: try again when it ends, or cancel it in QGIS's task bar.",
+                Qgis.MessageLevel.Info,
+            )
             return False
         project = QgsProject.instance()
         canvas = self.iface.mapCanvas()
@@ -240,7 +258,6 @@ class ExtentSegmenter(QObject):
         for warning in warnings:
             self._message(warning, Qgis.MessageLevel.Warning)
         name = layer.name()
-        description = f"Road SSLKD: segmenting {name} ({window.width} x {window.height} px)"
         folder = output_folder(project)  # the run's project's, even if another one is open when it ends
         self._left_project = False
 
@@ -257,7 +274,7 @@ class ExtentSegmenter(QObject):
                 if isinstance(result, str):  # the backend's scratch folder, whether its file was placed or not
                     shutil.rmtree(os.path.dirname(result), ignore_errors=True)
 
-        self.task = SegmentTask(work, description, done)
+        self.task = SegmentTask(work, f"segmenting {name} ({window.width} x {window.height} px)", done)
         QgsApplication.taskManager().addTask(self.task)
         return True
 
@@ -363,10 +380,7 @@ class ExtentSegmenter(QObject):
         def work(progress: Callable[[int, int], None], cancelled: Callable[[], bool]) -> Optional[str]:
             if segment.centrelines_with_backend(probability, lines, threshold, SPUR_M, cancelled, warn=late.append):
                 return lines
-            try:
-                os.remove(lines)  # cancelled once the backend had written it: no layer will show it
-            except OSError:
-                pass
+            _remove_files(lines)  # cancelled once the backend had written it: no layer will show it
             return None
 
         def done(written: Optional[str], error: str) -> None:
@@ -376,7 +390,7 @@ class ExtentSegmenter(QObject):
                     self._message(warning, Qgis.MessageLevel.Warning)
                 self._finish_centrelines(written, error, name, threshold, result_id)
 
-        self.task = SegmentTask(work, f"Road SSLKD: centrelines of {name}", done)
+        self.task = SegmentTask(work, f"drawing the centrelines of {name}", done)
         QgsApplication.taskManager().addTask(self.task)
 
     def _finish_centrelines(
@@ -398,15 +412,12 @@ class ExtentSegmenter(QObject):
         self.centrelines_finished.emit(layer, text)
 
     def add_result(self, project: QgsProject, path: str, title: str) -> QgsRasterLayer:
-        """Add the GeoTIFF, styled, at the top of the "Road SSLKD" group; replace the last one unless kept."""
-        previous = project.mapLayer(settings.project_value(LAST_LAYER_KEY, "", project))
-        if previous is not None and not keep_results():
-            lines = [old for old in project.mapLayers().values() if old.customProperty(LINES_OF) == previous.id()]
-            for old in (previous, *lines):  # the result and its centrelines go together
-                replaced = _file_of(old) if old.customProperty(RESULT) else ""
-                project.removeMapLayer(old.id())
-                if replaced:
-                    _remove_replaced(project, replaced)
+        """Add the GeoTIFF, styled, at the top of the "Road SSLKD" group; replace the last result (with its
+        centrelines) unless kept."""
+        last = settings.project_value(LAST_LAYER_KEY, "", project)
+        if last and not keep_results():
+            for kept in _replace(project, last):
+                self._message(f"{kept.name()} has unsaved edits: kept, not replaced.", Qgis.MessageLevel.Warning)
         layer = QgsRasterLayer(path, title, "gdal")
         segment.style_layer(layer)
         layer.setCustomProperty(RESULT, True)  # after the style: loading a QML replaces them

@@ -522,3 +522,64 @@ def test_unload_while_centrelines_are_drawn_adds_nothing(qgis_iface, scene, data
     QgsApplication.processEvents()
     assert not drawn
     assert not [layer for layer in QgsProject.instance().mapLayers().values() if isinstance(layer, QgsVectorLayer)]
+
+
+def test_a_second_run_while_centrelines_are_drawn_says_what_runs(qgis_iface, scene, data):
+    """Ctrl+Alt+R again once the probability layer landed: refused, naming the centrelines still being drawn."""
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    segmenter = ExtentSegmenter(qgis_iface)
+    settings.set_user_value(LINES_KEY, "true")
+    result, text = _run(segmenter, model_path=str(data["model"]))
+    assert result is not None and segmenter.is_running(), text
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert not segmenter.run(model_path=str(data["model"]))
+    said = bar.get_messages(Qgis.MessageLevel.Info)
+    assert any("Still drawing the centrelines of scene" in message for message in said), said
+    assert wait_until(lambda: not segmenter.is_running(), 120)
+
+
+def test_a_result_and_its_centrelines_are_replaced_together_whatever_the_user_did(qgis_iface, scene, data, tmp_path):
+    """Renamed, moved out of the group, removed by hand, saved and reopened: with "Keep Earlier Segmentations" off,
+    the next result replaces the layers of the last one that remain and deletes all its files."""
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    project = QgsProject.instance()
+    model, scene_id = str(data["model"]), scene.id()
+    first, _, first_lines, _ = _run_with_lines(ExtentSegmenter(qgis_iface), model_path=model)
+    first_id = first.id()
+    first.setName("my roads")
+    root = project.layerTreeRoot()
+    node = root.findLayer(first_id)
+    root.insertChildNode(0, node.clone())
+    node.parent().removeChildNode(node)
+    project.removeMapLayer(first_lines.id())  # the GeoPackage stays, of the result still shown
+    assert project.write(str(tmp_path / "roads.qgz"))
+    project.clear()
+    assert project.read(str(tmp_path / "roads.qgz"))
+    second, _, second_lines, _ = _run_with_lines(ExtentSegmenter(qgis_iface), layer=project.mapLayer(scene_id),
+                                                 model_path=model)
+    assert project.mapLayer(first_id) is None
+    stem = Path(second.source()).stem
+    assert {path.stem.split(".")[0] for path in (tmp_path / "out").iterdir()} == {stem}
+    project.removeMapLayer(second.id())  # the lines are kept, without their probability layer
+    third, _, third_lines, _ = _run_with_lines(ExtentSegmenter(qgis_iface), layer=project.mapLayer(scene_id),
+                                               model_path=model)
+    assert sorted(project.mapLayers()) == sorted([scene_id, third.id(), third_lines.id()])
+    assert {path.stem.split(".")[0] for path in (tmp_path / "out").iterdir()} == {Path(third.source()).stem}
+
+
+def test_centrelines_with_unsaved_edits_are_not_replaced(qgis_iface, scene, data):
+    """The user is fixing the lines when Ctrl+Alt+R comes: their edits (and GeoPackage) stay, with a warning."""
+    _show(qgis_iface.mapCanvas(), scene.extent())
+    model = str(data["model"])
+    first, _, lines, _ = _run_with_lines(ExtentSegmenter(qgis_iface), model_path=model)
+    first_file = Path(first.source())
+    assert lines.startEditing() and lines.deleteFeature(next(lines.getFeatures()).id())
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    _run_with_lines(ExtentSegmenter(qgis_iface), model_path=model)
+    assert QgsProject.instance().mapLayer(lines.id()) is lines and lines.isModified()
+    assert first_file.with_suffix(".gpkg").exists() and not first_file.exists()
+    warnings = bar.get_messages(Qgis.MessageLevel.Warning)
+    assert any("Centrelines — scene has unsaved edits: kept" in warning for warning in warnings), warnings
+    assert lines.rollBack()
