@@ -390,6 +390,45 @@ def place_file(source: str, target: str) -> str:
     return target
 
 
+def _backend_step(
+    args: list[str],
+    unavailable: tuple[str, str],
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
+    log: Optional[Callable[[str], None]] = None,
+    warn: Optional[Callable[[str], None]] = None,
+    words: Optional[dict[str, str]] = None,
+) -> Any:
+    """``road-sslkd ARGS`` to the end (blocking: call it from a worker thread); its CliResult, None if cancelled.
+
+    Progress, warnings and log lines go to the callbacks, and every text shown has the backend's ``words``
+    replaced by the user's (scratch paths by layer names, options by parameters). ``unavailable`` is the
+    (message prefix, hint) of the SegmentError raised when the backend cannot start.
+    """
+    from .cli import run_backend
+
+    def in_user_terms(text: str) -> str:
+        for cli_word, user_word in (words or {}).items():
+            text = text.replace(cli_word, user_word)
+        return text
+
+    def on_event(event: dict) -> None:
+        if event.get("event") == "progress" and event.get("total") and progress is not None:
+            progress(int(event.get("step") or 0), int(event["total"]))
+        elif event.get("event") == "warning" and warn is not None:
+            warn(in_user_terms(str(event.get("message", ""))))
+
+    try:
+        result = run_backend(args, on_event, (lambda line: log(in_user_terms(line))) if log else None, cancelled)
+    except (RuntimeError, OSError) as exc:
+        raise SegmentError(f"{unavailable[0]}{exc}", unavailable[1]) from exc
+    if cancelled is not None and cancelled():
+        return None
+    if not result.outcome.ok:
+        raise SegmentError(in_user_terms(result.outcome.message), in_user_terms(result.outcome.hint))
+    return result
+
+
 def predict_with_backend(
     model_path: str,
     source: str,
@@ -410,33 +449,16 @@ def predict_with_backend(
     user's layer (``source_name``) instead of the scratch copy, and ``options`` maps its command-line options
     to the caller's names for them (Processing: ``{"--bands": "BANDS"}``).
     """
-    from .cli import run_backend
-
-    words = {**({source: source_name} if source_name else {}), **(options or {})}
-
-    def in_user_terms(text: str) -> str:
-        for cli_word, user_word in words.items():
-            text = text.replace(cli_word, user_word)
-        return text
-
-    def on_event(event: dict) -> None:
-        if event.get("event") == "progress" and event.get("total") and progress is not None:
-            progress(int(event.get("step") or 0), int(event["total"]))
-        elif event.get("event") == "warning" and warn is not None:
-            warn(in_user_terms(str(event.get("message", ""))))
-
     args = ["predict", model_path, source, "--out", out_dir, "--overwrite", *(["--tta"] if tta else [])]
     if bands:
         args += ["--bands", ",".join(map(str, bands))]
-    try:
-        result = run_backend(args, on_event, (lambda line: log(in_user_terms(line))) if log else None, cancelled)
-    except (RuntimeError, OSError) as exc:
-        raise SegmentError(str(exc), ENGINE_HINT) from exc
-    if cancelled is not None and cancelled():
+    words = {**({source: source_name} if source_name else {}), **(options or {})}
+    result = _backend_step(args, ("", ENGINE_HINT), progress, cancelled, log, warn, words)
+    if result is None:
         return None
     produced = result.artifact("probability")
-    if not result.outcome.ok or not produced:
-        raise SegmentError(in_user_terms(result.outcome.message), in_user_terms(result.outcome.hint))
+    if not produced:
+        raise SegmentError("road-sslkd predict wrote no probability raster", "its log has the details")
     return produced
 
 
@@ -452,23 +474,11 @@ def centrelines_with_backend(
     """``road-sslkd centrelines``: road centre lines of a probability GeoTIFF into the GeoPackage ``out_path``
     (the vectorisation of ``predict --vector``, which needs the backend's scikit-image and shapely). Blocking;
     False if cancelled. ``warn`` gets the backend's warnings (no CRS, no pixel at the threshold)."""
-    from .cli import run_backend
-
-    def on_event(event: dict) -> None:
-        if event.get("event") == "warning" and warn is not None:
-            warn(str(event.get("message", "")))
-
     args = ["centrelines", probability, "--out", out_path, "--threshold", repr(float(threshold)),
             "--spur-length", repr(float(spur_m)), "--overwrite"]
-    try:
-        result = run_backend(args, on_event, log, cancelled)
-    except (RuntimeError, OSError) as exc:
-        raise SegmentError(f"road centrelines are made by the backend: {exc}") from exc  # exc says how to set it up
-    if cancelled is not None and cancelled():
-        return False
-    if not result.outcome.ok:
-        raise SegmentError(result.outcome.message, result.outcome.hint)
-    return True
+    # The backend's own message says how to set it up.
+    unavailable = ("road centrelines are made by the backend: ", "")
+    return _backend_step(args, unavailable, None, cancelled, log, warn) is not None
 
 
 def binary_mask(probability: Any, threshold: float) -> Any:
