@@ -290,27 +290,6 @@ def test_a_baseline_added_later_leaves_the_runs_student(tiny_run, run_main, tmp_
     assert RunDir.open(run).config.device == "cpu"
 
 
-def test_a_second_generation_learns_from_the_first_students_maps_and_ships(tiny_run, run_main, tmp_path):
-    """`--stages student_sslkd2` distils a new student from the SSLKD student's cached 8-view maps, and it
-    becomes the run's student.onnx; without a first generation it is refused, naming the missing model."""
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run[0], run)
-    code, events = run_main("train", "--resume", str(run), "--stages", "student_sslkd2", "--device", "cpu")
-    assert code == 0, errors(events)
-    cached = list((run / "targets" / "student_sslkd" / "dihedral").glob("*.npy"))
-    spec = RunDir.open(run).dataset
-    assert len(cached) == len(spec.labelled) + len(spec.unlabelled)
-    metrics = json.loads((run / "metrics.json").read_text())["models"]
-    assert 0 <= metrics["student_sslkd2"]["iou"] <= 1 and metrics["student_sslkd2"]["mpx_per_s"] > 0
-    assert metrics["student_sslkd2"]["params"] == metrics["student_sslkd"]["params"]
-    session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
-    assert json.loads(session.get_modelmeta().custom_metadata_map["road_sslkd_model"]) == "student_sslkd2"
-
-    code, events = run_main("train", "--resume", str(run), "--stages", "student_ssl2", "--device", "cpu")
-    assert code == 2 and "no trained model 'student_ssl'" in errors(events)[0]["message"]
-    assert not (run / "models" / "student_ssl2.pt").exists()
-
-
 def test_a_run_written_before_a_setting_keeps_its_earlier_behaviour(tiny_run, tmp_path):
     stored = json.loads((tiny_run[0] / "config.json").read_text())
     assert stored["config"].pop("teacher_tta") is True  # today's defaults

@@ -104,7 +104,7 @@ class Config:
 
 
 STAGE_NAMES = ("teacher_a", "teacher_b", "teachers_ssl", "student_supervised", "student_ssl", "student_kd",
-               "student_sslkd", "student_ssl2", "student_sslkd2")
+               "student_sslkd")
 CONFIDENCE = ("weight", "threshold", "none")
 PRETRAIN = "pretrain"  # the weights setting that pretrains the encoders on the run's own images first
 SSLKD_TEACHERS = {"ssl": "_ssl", "warmup": ""}  # sslkd_teachers -> the suffix of the teachers' model names

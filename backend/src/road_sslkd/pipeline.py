@@ -7,9 +7,6 @@ student_sslkd            the SSLKD student, distilled from the semi-supervised t
 student_supervised       baseline: the student network on labelled data only
 student_ssl              baseline: the student network with UniMatch-style semi-supervision
 student_kd               baseline: distillation from the supervised teachers, labelled data only
-student_sslkd2           a second generation: a new student distilled, as student_sslkd was, from the
-                         SSLKD student's own (8-view) maps instead of the teachers'
-student_ssl2             the same second generation for the UniMatch-style baseline (the fair comparison)
 """
 
 from __future__ import annotations
@@ -50,17 +47,7 @@ def stage_factories() -> dict[str, Callable[[Context], Stage]]:
         "student_kd": lambda c: DistillStage(c, "student_kd", teachers_of(c.config, "student_kd"), unlabelled=False),
         "student_sslkd": lambda c: DistillStage(c, "student_sslkd", teachers_of(c.config, "student_sslkd"),
                                                 unlabelled=True),
-        # A second generation learns from the first; both are the student network, so the final one has the
-        # same budget (steps, crops) as every other student and a different, better-scoring target.
-        **{f"{first}2": functools.partial(_second_generation, first=first) for first in SECOND_GENERATION},
     }
-
-
-SECOND_GENERATION = ("student_ssl", "student_sslkd")  # students a second generation is distilled from
-
-
-def _second_generation(ctx: Context, first: str) -> Stage:
-    return DistillStage(ctx, f"{first}2", (first,), unlabelled=True)
 
 
 def teachers_of(cfg: Config, student: str) -> tuple[str, ...]:
@@ -73,9 +60,8 @@ def teachers_of(cfg: Config, student: str) -> tuple[str, ...]:
     return tuple(f"teacher_{t}{suffix}" for t in cfg.student_teachers)
 
 
-UNLABELLED_STAGES = ("teachers_ssl", "student_ssl", "student_sslkd", "student_ssl2", "student_sslkd2")
 EXAMPLES = 3  # test rasters whose predictions are kept for the report's overlays
-STUDENTS = ("student_sslkd2", "student_sslkd", "student_kd", "student_ssl2", "student_ssl", "student_supervised")
+STUDENTS = ("student_sslkd", "student_kd", "student_ssl", "student_supervised")
 
 
 def train(run: RunDir, device_name: str = "auto", command: str = "", export: bool = True) -> dict:
@@ -83,7 +69,7 @@ def train(run: RunDir, device_name: str = "auto", command: str = "", export: boo
     cfg = run.config
     check_stages(cfg.stages)  # a run folder written before stage names were checked on the way in
     device = pick_device(device_name)
-    if not run.dataset.unlabelled and any(s in UNLABELLED_STAGES for s in cfg.stages):
+    if not run.dataset.unlabelled and any(s in ("teachers_ssl", "student_ssl", "student_sslkd") for s in cfg.stages):
         events.warning("no unlabelled rasters given: the labelled images serve as the unlabelled pool")
         run.dataset.unlabelled = [p.image for p in run.dataset.labelled]
         run.save()
