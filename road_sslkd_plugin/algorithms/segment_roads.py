@@ -294,7 +294,8 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             )
             if produced is None:
                 return None
-            threshold = 0.5 if threshold is None else threshold  # the model's own needs onnxruntime to read
+            produced, model_threshold = produced
+            threshold = model_threshold if threshold is None else threshold
             _write(self.OUTPUT, output, lambda: segment.place_file(produced, output))
             if mask_output:
                 mask = segment.binary_mask(_read(output), threshold)

@@ -441,9 +441,10 @@ def predict_with_backend(
     tta: bool = False,
     bands: Optional[list[int]] = None,
     options: Optional[dict[str, str]] = None,
-) -> Optional[str]:
+) -> Optional[tuple[str, float]]:
     """``road-sslkd predict`` (backend venv) on a GeoTIFF written by ``write_geotiff``, for a QGIS whose
-    Python lacks onnxruntime. Blocking: call it from a worker thread. The probability file, None if cancelled.
+    Python lacks onnxruntime. Blocking: call it from a worker thread. The probability file and the model's road
+    threshold (read by the backend from its metadata), None if cancelled.
 
     ``bands``: the source's bands to read (None: the model's default). The backend's messages and log name the
     user's layer (``source_name``) instead of the scratch copy, and ``options`` maps its command-line options
@@ -459,7 +460,8 @@ def predict_with_backend(
     produced = result.artifact("probability")
     if not produced:
         raise SegmentError("road-sslkd predict wrote no probability raster", "its log has the details")
-    return produced
+    done = next((e for e in reversed(result.events) if e.get("event") == "done"), {})
+    return produced, float(done.get("threshold", 0.5))  # a backend older than the key used 0.5
 
 
 def centrelines_with_backend(

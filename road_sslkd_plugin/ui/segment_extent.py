@@ -263,13 +263,13 @@ class ExtentSegmenter(QObject):
 
         def done(result: Any, error: str) -> None:
             self.task = None
+            # The backend's task answers with its file and the road threshold it read from the model.
+            result, used = result if isinstance(result, tuple) else (result, threshold)
             try:
                 if not self.closed:
                     for warning in late:
                         self._message(warning, Qgis.MessageLevel.Warning)
-                    self._finish(
-                        result, error, layer.name() if not _deleted(layer) else name, window, folder, threshold
-                    )
+                    self._finish(result, error, layer.name() if not _deleted(layer) else name, window, folder, used)
             finally:
                 if isinstance(result, str):  # the backend's scratch folder, whether its file was placed or not
                     shutil.rmtree(os.path.dirname(result), ignore_errors=True)
@@ -305,8 +305,8 @@ class ExtentSegmenter(QObject):
         """The window at the layer's resolution to a scratch GeoTIFF; the task runs ``road-sslkd predict`` on it.
 
         The backend reads the model's bands and resolution itself and answers on the window's grid; its
-        warnings (bands, data type, resolution) go to ``warn``, from the task's thread. The road threshold is
-        0.5: the model's own needs onnxruntime to read.
+        warnings (bands, data type, resolution) go to ``warn``, from the task's thread. The task's result is
+        the probability file and the model's road threshold, which the backend reads from the model.
         """
         if not os.path.isfile(path):
             raise segment.SegmentError(f"model file not found: {path}", "give the path of an .onnx model")
@@ -327,8 +327,8 @@ class ExtentSegmenter(QObject):
                 produced = segment.predict_with_backend(path, source, scratch, label, progress, cancelled, warn=warn)
                 if produced is not None:
                     kept = os.path.join(scratch, "probability.tif")
-                    os.replace(produced, kept)
-                    produced = kept  # a file: _finish moves it to the output folder
+                    os.replace(produced[0], kept)
+                    produced = kept, produced[1]  # a file: _finish moves it to the output folder
                 return produced
             finally:
                 os.remove(source)
@@ -336,7 +336,7 @@ class ExtentSegmenter(QObject):
                     shutil.rmtree(scratch, ignore_errors=True)
 
         warning = "onnxruntime is not available in QGIS's Python: using the backend (road-sslkd predict)"
-        return work, window, [warning], 0.5
+        return work, window, [warning], None  # the threshold comes with the task's result
 
     def _finish(
         self, result: Any, error: str, name: str, window: segment.ReadWindow, folder: str, threshold: float

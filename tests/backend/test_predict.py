@@ -70,6 +70,17 @@ def test_fixture_grid_round_trip(tmp_path, capsys):
     assert ("progress", None) in kinds and not list((tmp_path / "out").glob(".*"))
 
 
+@pytest.mark.parametrize(("given", "used"), [((), 0.3), (("--threshold", 0.6), 0.6)], ids=["model's", "given"])
+def test_done_says_the_threshold_its_masks_use(tmp_path, capsys, given, used):
+    """The plugin thresholds the backend's probabilities itself when QGIS lacks onnxruntime: it takes the
+    model's threshold (seg_thresh) from the done event."""
+    model = write_model(tmp_path / "m.onnx", band_net(3), {**IDENTITY, "seg_thresh": 0.3}, bands=3)
+    raster = write_raster(tmp_path / "r.tif", np.full((3, 40, 50), 90, np.uint8))
+    run_cli(model, raster, "--out", tmp_path / "out", "--threads", 1, *given)
+    done = events_of(capsys)[-1]
+    assert done["event"] == "done" and done["threshold"] == used
+
+
 def test_same_resolution_is_not_resampled(tmp_path):
     checker = (np.indices((96, 128)).sum(axis=0) % 2 * 255).astype(np.uint8)
     raster = write_raster(tmp_path / "r.tif", np.stack([checker] * 3), res=0.5)

@@ -66,9 +66,11 @@ def make_model(
     tile: int = 64,
     kind: str = "segmentor",
     training: Optional[dict] = None,
+    threshold: float = 0.5,
 ) -> Path:
-    """Write the pointwise road model (Deepness-style metadata: pixels / 255, mean 0, std 1); ``training`` is
-    our provenance key ``road_sslkd_training`` as ``road-sslkd export`` writes it (bands, data type)."""
+    """Write the pointwise road model (Deepness-style metadata: pixels / 255, mean 0, std 1, road threshold
+    ``seg_thresh``); ``training`` is our provenance key ``road_sslkd_training`` as ``road-sslkd export`` writes
+    it (bands, data type)."""
     meta = {
         "_gain": GAIN,
         "model_type": "Segmentor",
@@ -78,7 +80,7 @@ def make_model(
         "tiles_overlap": "25",
         "standardization_mean": json.dumps([0.0] * bands),
         "standardization_std": json.dumps([1.0] * bands),
-        "seg_thresh": "0.5",
+        "seg_thresh": str(threshold),
         "road_sslkd_output": "probabilities",
     }
     if resolution_cm is not None:

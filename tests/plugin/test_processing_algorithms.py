@@ -78,6 +78,7 @@ def data(tmp_path_factory):
         "classifier": make_model(folder / "classifier.onnx", kind="classifier"),
         # Trained on bands 3,2,1 of 8-bit imagery: it reads band 3 where the plain model reads band 1.
         "bgr": make_model(folder / "bgr.onnx", resolution_cm=50.0, training={"bands": [3, 2, 1], "dtype": "uint8"}),
+        "thresh02": make_model(folder / "thresh02.onnx", threshold=0.2),
     }
 
 
@@ -215,6 +216,22 @@ def test_segment_roads_extent_in_another_crs(processing, data, tmp_path):
     result = QgsRasterLayer(str(out), "part", "gdal")
     assert result.extent().contains(part)
     assert result.extent().width() < 60  # not the whole 60 m scene
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["in QGIS", "backend"])
+def test_the_mask_is_drawn_at_the_models_threshold_on_both_paths(processing, data, tmp_path, monkeypatch,
+                                                                 in_process):
+    """MASK without THRESHOLD: the model's seg_thresh (0.2), also where `road-sslkd predict` runs the model."""
+    from road_sslkd_plugin.core import segment
+
+    if not in_process:
+        monkeypatch.setattr(segment, "engine_available", lambda: False)
+    out, mask = tmp_path / "prob.tif", tmp_path / "mask.tif"
+    processing.run("road_sslkd:segment_roads", {"INPUT": str(data["raster"]), "MODEL": str(data["thresh02"]),
+                                                "OUTPUT": str(out), "MASK": str(mask)})
+    probability = _read(out)
+    assert ((probability >= 51) & (probability < 128)).any()  # road at 0.2, not at 0.5: the test can tell
+    assert (_read(mask) == (probability >= 0.2 * 255)).all()
 
 
 def test_backend_path_streams_a_whole_file_past_the_copy_limit(processing, data, tmp_path, monkeypatch):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from qgis.core import (
     QgsRectangle,
     QgsVectorLayer,
 )
-from segment_data import BACKEND_PYTHON, ORIGIN, expected_probability, make_model, make_raster
+from segment_data import ORIGIN, expected_probability, make_model, make_raster
 
 import road_sslkd_plugin
 from conftest import needs_backend, wait_until
@@ -62,17 +60,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_lines(data):
     """``data`` with a model whose road threshold is 0.7 (the others have 0.5)."""
-    return {**data, "thresh07": _with_threshold(data["model"], data["folder"] / "thresh07.onnx", 0.7)}
-
-
-def _with_threshold(model: Path, path: Path, threshold: float) -> Path:
-    """A copy of ``model`` whose metadata gives another road threshold (seg_thresh), by the backend's onnx."""
-    code = ("import onnx, sys; m = onnx.load(sys.argv[1]); "
-            "[p for p in m.metadata_props if p.key == 'seg_thresh'][0].value = sys.argv[3]; onnx.save(m, sys.argv[2])")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    subprocess.run([str(BACKEND_PYTHON), "-c", code, str(model), str(path), str(threshold)],
-                   check=True, timeout=120, env=env)
-    return path
+    return {**data, "thresh07": make_model(data["folder"] / "thresh07.onnx", threshold=0.7)}
 
 
 @pytest.fixture
@@ -413,15 +401,15 @@ def test_a_result_finished_after_another_project_opened_stays_out_of_it(qgis_ifa
 # ------------------------------------------------------------------------------------- road centrelines
 @pytest.mark.parametrize("in_process", [True, False], ids=["in QGIS", "backend"])
 def test_centrelines_are_drawn_above_the_result(qgis_iface, scene, data_lines, monkeypatch, in_process):
-    """The backend vectorises the result at the threshold it was made for: the model's (0.7) in QGIS, 0.5 on the
-    backend path (the model's metadata needs onnxruntime to read)."""
+    """The backend vectorises the result at the threshold it was made for, the model's (0.7), on both paths (on
+    the backend's, ``road-sslkd predict`` reads it from the model and says it)."""
     if not in_process:
         monkeypatch.setattr(segment, "engine_available", lambda: False)
     _show(qgis_iface.mapCanvas(), scene.extent())
     segmenter = ExtentSegmenter(qgis_iface)
     result, _, lines, text = _run_with_lines(segmenter, model_path=str(data_lines["thresh07"]))
     assert isinstance(lines, QgsVectorLayer) and lines.isValid(), text
-    assert f"(threshold {0.7 if in_process else 0.5:g})" in text
+    assert "(threshold 0.7)" in text
     assert lines.name() == "Centrelines — scene" and lines.geometryType() == LINE
     assert lines.crs().authid() == result.crs().authid() == "EPSG:32633"
     assert Path(lines.source().split("|")[0]) == Path(result.source()).with_suffix(".gpkg")

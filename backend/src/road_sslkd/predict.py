@@ -555,4 +555,7 @@ def _run(args: argparse.Namespace) -> None:
     if unfinished:
         raise events.Cancelled(f"prediction cancelled, not finished: {', '.join(unfinished)}; no partial output "
                                "was kept", "run the command again")
-    events.emit("done", outputs=outputs, seconds=round(time.monotonic() - start, 1), provider=provider)
+    # The threshold its masks and vectors use: a caller that thresholds the probabilities itself (the plugin
+    # without onnxruntime) learns the model's from here.
+    events.emit("done", outputs=outputs, seconds=round(time.monotonic() - start, 1), provider=provider,
+                threshold=threshold)
