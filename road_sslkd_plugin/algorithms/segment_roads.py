@@ -106,8 +106,7 @@ class SegmentRoadsAlgorithm(RoadAlgorithm):
             "<tt>road-sslkd predict</tt>: the layer's file (segmented whole, of any size) or a copy of its "
             f"EXTENT (up to {MAX_PIXELS / 1e6:g} Mpx) goes to the backend at the layer's own resolution, "
             "the backend resamples them to the model's resolution, and the outputs come back on the layer's own "
-            "grid; without a Threshold the mask is then cut at 0.5 (the model's metadata needs onnxruntime to "
-            "read)."
+            "grid; without a Threshold the mask is cut at the model's threshold, which the backend reads."
         )
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802
