@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-import pyogrio.raw
 import rasterio
 import shapely
 from rasterio.enums import MaskFlags, Resampling
@@ -311,6 +310,8 @@ def centrelines(
 
 def write_centrelines(probability: Path, out_path: Path, threshold: float, spur_m: float) -> int:
     """Vectorise a probability GeoTIFF into a GeoPackage line layer ``centrelines`` with ``length_m``."""
+    import pyogrio.raw  # here: export and evaluation import this module, and only vectors need pyogrio
+
     partial = _partial(out_path)
     try:
         with _open(probability) as src, rasterio.Env(**GDAL_OPTIONS):
