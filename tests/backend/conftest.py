@@ -1,5 +1,6 @@
 """Shared fixtures: a small synthetic dataset (generated, never real data) and the CLI as a subprocess."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,15 @@ from rasterio.transform import from_origin
 from road_sslkd.demo_data import write_demo_dataset
 
 CLI = [sys.executable, "-m", "road_sslkd.cli"]
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module: the scripts are not a package."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """scripts/carry_over_datasets.py on SYNTHETIC scenes: each variant is a dataset the backend reads."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -8,17 +7,13 @@ import pytest
 import rasterio
 from skimage.morphology import dilation, disk
 
+from conftest import load_script
 from road_sslkd.data import DatasetSpec
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "carry_over_datasets.py"
 
 
 @pytest.fixture(scope="module")
 def carry():
-    spec = importlib.util.spec_from_file_location("carry_over_datasets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("carry_over_datasets")
 
 
 def _read(path: Path) -> tuple[np.ndarray, rasterio.Affine, object]:

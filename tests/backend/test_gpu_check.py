@@ -1,6 +1,5 @@
 """scripts/gpu_check.py without a GPU: the packed dataset comes back pixel for pixel, and the fitted length."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,18 +12,13 @@ import pytest
 import rasterio
 import torch
 
-from conftest import road_mask, write_raster
+from conftest import SCRIPTS, load_script, road_mask, write_raster
 from road_sslkd.data import DatasetSpec
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 @pytest.fixture
@@ -89,12 +83,13 @@ def test_fit_scale_keeps_the_seeds_within_the_budget(gpu_check):
 
 def test_setup_records_the_machine_and_trains_every_stage_on_it(tmp_path):
     # Here every wheel is installed already: setup installs nothing, as on a second call there.
-    proc = subprocess.run([sys.executable, str(SCRIPT), "setup", "--device", "cpu", "--work", str(tmp_path / "work")],
+    script, work = SCRIPTS / "gpu_check.py", tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(script), "setup", "--device", "cpu", "--work", str(work)],
                           env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     machine = json.loads((tmp_path / "machine.json").read_text())
     assert machine["torch"] == torch.__version__ and machine["rasterio"] == rasterio.__version__
     assert machine["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    run = tmp_path / "work" / "smoke" / "run"
+    run = work / "smoke" / "run"
     assert machine["smoke_s"] > 0 and (run / "student.onnx").is_file()
     assert set(json.loads((run / "metrics.json").read_text())["models"]) >= {"teacher_a_ssl", "student_sslkd"}
