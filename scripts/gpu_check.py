@@ -9,9 +9,9 @@ goes back 30 s after a call. So the check is three steps, the last two run back 
     python3 scripts/gpu_check.py setup   # there, carry .gpu_wheels: install them, record the card, smoke run
     python3 scripts/gpu_check.py bench   # there, carry .gpu_data: a timed pilot, then the benchmark that fits
 
-``bench`` first runs the whole benchmark of one seed at a tiny length (the pilot), then the three seeds at
-the longest length that the pilot's timings say ends within the budget, and copies its report, figures
-and timings to $OUT. The images travel as lossless WebP (a third smaller than PNG, checked pixel for pixel
+``bench`` first runs the whole benchmark of one seed at a tiny length (the pilot), then the three seeds (or
+the first alone, where three would get under --min-scale of the preset's length) at the longest length that
+the pilot's timings say ends within the budget, and copies its report, figures and timings to $OUT. The images travel as lossless WebP (a third smaller than PNG, checked pixel for pixel
 here) and are written back as PNG there.
 """
 
@@ -255,16 +255,20 @@ def bench(args: argparse.Namespace) -> None:
     # Training steps alone scale with the length; caching the teachers' outputs, evaluation and export do not.
     pilot_train = sum(m["train_seconds"] for name, m in pilot["models"].items() if name != SHARED_STAGE)
     left = args.budget - (time.monotonic() - start)
-    scale = fit_scale(pilot_wall, pilot_train, args.pilot_scale, left, len(args.seeds.split(",")))
+    seeds = args.seeds.split(",")
+    scale = fit_scale(pilot_wall, pilot_train, args.pilot_scale, left, len(seeds))
+    if (scale is None or scale < args.min_scale) and len(seeds) > 1:  # one seed trained longer says more
+        seeds = seeds[:1]
+        scale = fit_scale(pilot_wall, pilot_train, args.pilot_scale, left, 1)
     fit = {"pilot_scale": args.pilot_scale, "pilot_wall_s": round(pilot_wall, 1),
-           "pilot_train_s": round(pilot_train, 1), "budget_left_s": round(left), "scale": scale,
+           "pilot_train_s": round(pilot_train, 1), "budget_left_s": round(left), "scale": scale, "seeds": seeds,
            "full_length_train_s_per_seed": round(pilot_train / args.pilot_scale),
            "machine": pilot["machine"], "pilot_models": pilot["models"]}
     (out / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
     print(json.dumps({k: v for k, v in fit.items() if k != "pilot_models"}), flush=True)
     if scale is None:
         sys.exit("not even twice the pilot's length fits the budget: fit.json holds the pilot's timings")
-    run_bench(args, "report", scale, args.seeds, args.budget - (time.monotonic() - start) - args.margin)
+    run_bench(args, "report", scale, ",".join(seeds), args.budget - (time.monotonic() - start) - args.margin)
     for name in ("report.md", "report.json", *FIGURES):
         shutil.copy2(args.work / "report" / name, out / name)
 
@@ -284,6 +288,8 @@ def main() -> None:
     b.add_argument("--margin", type=float, default=20, help="seconds kept for the report's copy (default 20)")
     b.add_argument("--pilot-scale", type=float, default=0.005, help="the pilot's steps scale (default 0.005)")
     b.add_argument("--seeds", default="0,1,2", help="the benchmark's seeds, trained side by side (default 0,1,2)")
+    b.add_argument("--min-scale", type=float, default=0.05,
+                   help="below this steps scale for all the seeds, train the first seed alone (default 0.05)")
     b.add_argument("--preset", default="gpu", help="default gpu")
     b.add_argument("--device", default="cuda", help="default cuda")
     b.add_argument("--tar", type=Path, help=f"the packed dataset (default: the one in {DATA.name})")
