@@ -11,8 +11,9 @@ goes back 30 s after a call. So the check is three steps, the last two run back 
 
 ``bench`` first runs the whole benchmark of one seed at a tiny length (the pilot), then the three seeds (or
 the first alone, where three would get under --min-scale of the preset's length) at the longest length that
-the pilot's timings say ends within the budget, and copies its report, figures and timings to $OUT. The images travel as lossless WebP (a third smaller than PNG, checked pixel for pixel
-here) and are written back as PNG there.
+the pilot's timings say ends within the budget, and copies its report, figures and timings to $OUT. The
+images travel as lossless WebP (a third smaller than PNG, checked pixel for pixel here) and are written
+back as PNG there.
 """
 
 from __future__ import annotations
@@ -62,14 +63,15 @@ def split_files(data: Path) -> tuple[list[str], list[str]]:
 
 
 def lossless_webp(path: Path) -> bytes | None:
-    """``path`` as lossless WebP when it is an 8-bit RGB or grey PNG that round-trips exactly, else None."""
+    """``path`` as lossless WebP when it is an 8-bit RGB or grey PNG that WebP holds (at most 16383 px a side)
+    and that round-trips exactly, else None."""
     import numpy as np
     from PIL import Image
 
     if path.suffix.lower() != ".png":
         return None
     with Image.open(path) as image:
-        if image.mode not in ("RGB", "L"):
+        if image.mode not in ("RGB", "L") or max(image.size) > 16383:
             return None
         pixels = np.asarray(image)
         buffer = io.BytesIO()

@@ -23,7 +23,8 @@ def gpu_check():
 
 @pytest.fixture
 def png_dataset(tmp_path) -> Path:
-    """SYNTHETIC: two RGB PNG pairs (noise over a road), one PNG and one GeoTIFF unlabelled image."""
+    """SYNTHETIC: two RGB PNG pairs (noise over a road); unlabelled an RGB PNG, a GeoTIFF and a PNG wider than
+    WebP allows."""
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
@@ -33,11 +34,12 @@ def png_dataset(tmp_path) -> Path:
         image[:, road_mask() == 1] //= 4
         write_raster(data / "images" / f"{name}.png", image, driver="PNG")
     write_raster(data / "images" / "d.tif", rng.integers(0, 256, (3, 64, 64), dtype=np.uint8))
+    write_raster(data / "images" / "e.png", rng.integers(0, 256, (1, 2, 16400), dtype=np.uint8), driver="PNG")
     for name in ("a", "b"):
         write_raster(data / "masks" / f"{name}.png", road_mask() * 255, driver="PNG")
     split = {"labelled": [{"image": "images/a.png", "mask": "masks/a.png"}],
              "test": [{"image": "images/b.png", "mask": "masks/b.png"}],
-             "unlabelled": ["images/c.png", "images/d.tif"]}
+             "unlabelled": ["images/c.png", "images/d.tif", "images/e.png"]}
     (data / "split.json").write_text(json.dumps(split))
     return data
 
@@ -52,15 +54,16 @@ def test_pack_and_unpack_give_back_every_pixel(gpu_check, png_dataset, tmp_path)
     gpu_check.pack_dataset(png_dataset, tar_path)
     with tarfile.open(tar_path) as tar:
         names = set(tar.getnames())
-    assert {"images/a.png.webp", "images/b.png.webp", "images/c.png.webp", "images/d.tif"} <= names
+    assert {"images/a.png.webp", "images/b.png.webp", "images/c.png.webp", "images/d.tif", "images/e.png"} <= names
     assert {"masks/a.png", "masks/b.png", "split.json"} <= names and "images/a.png" not in names
 
     back = gpu_check.unpack_dataset(tar_path, tmp_path / "back")
-    for rel in ("images/a.png", "images/b.png", "images/c.png", "images/d.tif", "masks/a.png", "masks/b.png"):
+    for rel in ("images/a.png", "images/b.png", "images/c.png", "images/d.tif", "images/e.png", "masks/a.png",
+                "masks/b.png"):
         assert np.array_equal(_pixels(back / rel), _pixels(png_dataset / rel)), rel
     assert not list(back.rglob("*.webp"))
     spec = DatasetSpec.from_split(back)
-    assert (len(spec.labelled), len(spec.unlabelled), len(spec.test)) == (1, 2, 1)
+    assert (len(spec.labelled), len(spec.unlabelled), len(spec.test)) == (1, 3, 1)
 
 
 def test_a_split_path_outside_the_dataset_is_refused(gpu_check, png_dataset):
